@@ -1,0 +1,3 @@
+from npdiff.cli import main
+
+raise SystemExit(main())
