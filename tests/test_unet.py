@@ -1,0 +1,138 @@
+"""The U-Net: a directional-derivative check of the whole backward pass in float64 (relative error
+<= 1e-6), the parameter naming contract, shapes (non-square, learned variance), dtypes, config
+round trips and input errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from npdiff.nn.gradcheck import directional_check
+from npdiff.nn.unet import UNetConfig, init_unet, unet_backward, unet_forward
+
+TINY = UNetConfig(in_channels=2, base_channels=4, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_levels=(1,), num_heads=2, context_dim=3, num_groups=2)
+
+
+def perturbed_params(config, rng, scale=0.3):
+    """Fresh parameters plus noise: the zero-initialized output convs would otherwise hide most of
+    the network from a gradient check."""
+    p = init_unet(config, rng, np.float64)
+    return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
+
+
+def inputs(config, rng, N=2, H=4, W=6, L=3):
+    x = rng.standard_normal((N, config.in_channels, H, W))
+    t = rng.integers(0, 1000, N)
+    ctx = rng.standard_normal((N, L, config.context_dim))
+    mask = rng.random((N, L)) < 0.5
+    mask[:, 0] = True
+    pooled = rng.standard_normal((N, config.context_dim))
+    return x, t, ctx, mask, pooled
+
+
+@pytest.mark.parametrize("config", [
+    TINY,
+    UNetConfig(in_channels=1, base_channels=4, channel_mult=(1, 1, 2), num_res_blocks=2,
+               attention_levels=(0, 2), num_heads=1, context_dim=2, num_groups=2, learn_sigma=True),
+    # (groups of one channel would make conv1.bias exactly irrelevant: GN2 removes it)
+])
+def test_unet_directional_derivative(config):
+    rng = np.random.default_rng(0)
+    p = perturbed_params(config, rng)
+    x, t, ctx, mask, pooled = inputs(config, rng, H=4, W=8)
+    out, cache = unet_forward(p, config, x, t, ctx, mask, pooled)
+    R = rng.standard_normal(out.shape)
+    grads, dctx, dpooled = unet_backward(p, config, R, cache)
+    names = sorted(p)
+    loss = lambda: float(np.sum(unet_forward(p, config, x, t, ctx, mask, pooled)[0] * R))  # noqa: E731
+    # all parameters and the differentiable inputs along one random direction ...
+    err = directional_check(loss, [p[k] for k in names] + [ctx, pooled],
+                            [grads[k] for k in names] + [dctx, dpooled], rng)
+    assert err <= 1e-6, err
+    # ... and each parameter on its own, so that one wrong gradient cannot hide among many
+    worst = max((directional_check(loss, [p[k]], [grads[k]], rng), k) for k in names)
+    assert worst[0] <= 1e-6, worst
+
+
+def test_unet_parameter_names_and_gradients_match():
+    rng = np.random.default_rng(1)
+    p = init_unet(TINY, rng, np.float32)
+    x, t, ctx, mask, pooled = inputs(TINY, rng)
+    out, cache = unet_forward(p, TINY, x, t, ctx, mask, pooled)
+    grads, _, _ = unet_backward(p, TINY, np.ones_like(out), cache)
+    assert set(grads) == set(p)
+    for k, v in p.items():
+        assert grads[k].shape == v.shape and grads[k].dtype == np.float32, k
+    # PyTorch layouts: conv (K, C, R, S), linear (out, in)
+    assert p["conv_in.weight"].shape == (4, 2, 3, 3)
+    assert p["down.0.downsample.weight"].shape == (4, 4, 3, 3)
+    assert p["down.1.res.0.skip.weight"].shape == (8, 4, 1, 1)
+    assert p["down.1.res.0.emb.weight"].shape == (16, 16)  # 2 * 8 channels from E = 4 * 4
+    assert p["down.1.attn.0.qkv.weight"].shape == (24, 8)
+    assert p["down.1.xattn.0.k.weight"].shape == (8, 3)
+    assert p["up.0.res.1.conv1.weight"].shape == (4, 8, 3, 3)  # 4 channels + a 4-channel skip
+    assert p["time_embed.0.weight"].shape == (16, 4) and p["text_embed.weight"].shape == (16, 3)
+    assert "mid.attn.proj.bias" in p and "mid.xattn.q.weight" in p and "mid.res.1.conv2.bias" in p
+
+
+def test_fresh_unet_predicts_zero_and_keeps_dtype():
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        p = init_unet(TINY, rng, dtype)
+        x, t, ctx, mask, pooled = inputs(TINY, rng)
+        out, _ = unet_forward(p, TINY, x, t, ctx, mask, pooled)
+        assert out.dtype == dtype and out.shape == x.shape
+        np.testing.assert_array_equal(out, 0)  # zero-initialized conv_out (ADM)
+
+
+def test_non_square_and_learned_variance():
+    rng = np.random.default_rng(3)
+    config = UNetConfig(**{**TINY.to_dict(), "channel_mult": (1, 2, 2), "learn_sigma": True})
+    p = perturbed_params(config, rng, 0.1)
+    for H, W in [(8, 24), (16, 8), (8, 8)]:
+        x, t, ctx, mask, pooled = inputs(config, rng, N=1, H=H, W=W, L=5)
+        out, cache = unet_forward(p, config, x, t, ctx, mask, pooled)
+        assert out.shape == (1, 4, H, W) and np.all(np.isfinite(out))
+        grads, dctx, dpooled = unet_backward(p, config, out, cache)
+        assert dctx.shape == ctx.shape and dpooled.shape == pooled.shape
+        # padding tokens get no gradient: they never take part
+        np.testing.assert_array_equal(dctx[~mask], 0)
+
+
+def test_config_json_round_trip():
+    config = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(2,), learn_sigma=True)
+    back = UNetConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config and isinstance(back.channel_mult, tuple)
+    with pytest.raises(ValueError, match="unknown fields \\['channels'\\]"):
+        UNetConfig.from_dict({"channels": 3})
+
+
+def test_dropout_only_with_rng():
+    rng = np.random.default_rng(4)
+    config = UNetConfig(**{**TINY.to_dict(), "dropout": 0.5})
+    p = perturbed_params(config, rng)
+    args = inputs(config, rng)
+    a, _ = unet_forward(p, config, *args)
+    b, _ = unet_forward(p, config, *args)
+    c, _ = unet_forward(p, config, *args, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_input_errors_are_clear():
+    rng = np.random.default_rng(5)
+    p = init_unet(TINY, rng, np.float32)
+    x, t, ctx, mask, pooled = inputs(TINY, rng)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        unet_forward(p, TINY, x[:, :, :3], t, ctx, mask, pooled)
+    with pytest.raises(ValueError, match="expected \\(2, 2, H, W\\)|expected \\(N, 2, H, W\\)"):
+        unet_forward(p, TINY, x[:, :1], t, ctx, mask, pooled)
+    bad = mask.copy()
+    bad[1] = False
+    with pytest.raises(ValueError, match="at least one real token"):
+        unet_forward(p, TINY, x, t, ctx, bad, pooled)
+    with pytest.raises(ValueError, match="pooled"):
+        unet_forward(p, TINY, x, t, ctx, mask, pooled[:, :2])
+    with pytest.raises(ValueError, match="num_groups"):
+        init_unet(UNetConfig(base_channels=48), rng)
