@@ -1,0 +1,159 @@
+"""The text encoder: a small bidirectional transformer, forward and backward by hand.
+
+    h      = token_embed[ids] + pos_embed[0:L]                           (N, L, D)
+    repeat num_layers times (pre-LN, Radford et al. 2019; Xiong et al. 2020):
+        h  = h + proj(SelfAttention(LN1(h), key padding mask))
+        h  = h + fc2(GELU(fc1(LN2(h))))
+    tokens = LN_final(h)                                                 (N, L, D)
+    pooled = sum_l mask[l] tokens[l] / sum_l mask[l]                     (N, D)
+
+The pooled vector is the masked mean over real tokens (padding excluded). Every row of the mask
+needs at least one True: the caller's ids must already carry a BOS/CLS token at position 0 (so
+the empty caption "" becomes [BOS] and still has one real token); id 0 is padding, by the
+tokenizer's convention, but nothing here treats any id specially. Token features at padding
+positions are computed (they attend to the real tokens) but take part in nothing downstream: the
+pooled mean and the U-Net's cross-attention both mask them out.
+
+Parameter names: token_embed.weight (V, D), pos_embed.weight (Lmax, D),
+blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.{weight,bias}, ln_final.{weight,bias}.
+
+Dimension legend: N batch, L tokens, D width, V vocabulary size, Lmax longest sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from npdiff.nn import layers as F
+from npdiff.nn.attention import check_key_mask, self_attention_backward, self_attention_forward
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 1024          # must cover every id the tokenizer produces (0 = padding)
+    max_length: int = 32            # longest token sequence (BOS included); sets pos_embed's rows
+    width: int = 128                # token feature width D (the U-Net's context_dim)
+    num_layers: int = 4             # transformer blocks
+    num_heads: int = 4              # attention heads (head width = width / heads)
+    mlp_ratio: int = 4              # hidden width of the MLP = width * mlp_ratio
+    norm_eps: float = 1e-5          # layer-norm epsilon (PyTorch's default)
+
+    def validate(self) -> None:
+        if self.width % self.num_heads:
+            raise ValueError(f"TextEncoderConfig: width {self.width} does not split into "
+                             f"num_heads={self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextEncoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TextEncoderConfig: unknown fields {unknown}; known fields are {sorted(names)}")
+        return cls(**d)
+
+
+def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype=np.float32):
+    """Fresh parameters: embeddings N(0, 0.02^2) (GPT-2), linear maps U(+-1/sqrt(fan_in))
+    (PyTorch's default), layer norms weight 1 and bias 0."""
+    config.validate()
+    D, H = config.width, config.width * config.mlp_ratio
+    p = {"token_embed.weight": 0.02 * rng.standard_normal((config.vocab_size, D)),
+         "pos_embed.weight": 0.02 * rng.standard_normal((config.max_length, D))}
+
+    def linear(name, J, I):
+        bound = 1.0 / np.sqrt(I)
+        p[f"{name}.weight"] = rng.uniform(-bound, bound, (J, I))
+        p[f"{name}.bias"] = rng.uniform(-bound, bound, J)
+
+    def norm(name):
+        p[f"{name}.weight"], p[f"{name}.bias"] = np.ones(D), np.zeros(D)
+
+    for i in range(config.num_layers):
+        b = f"blocks.{i}"
+        norm(f"{b}.ln1")
+        linear(f"{b}.attn.qkv", 3 * D, D)
+        linear(f"{b}.attn.proj", D, D)
+        norm(f"{b}.ln2")
+        linear(f"{b}.mlp.fc1", H, D)
+        linear(f"{b}.mlp.fc2", D, H)
+    norm("ln_final")
+    return {k: v.astype(dtype) for k, v in p.items()}
+
+
+def _check_inputs(config, ids, mask):
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"text encoder: ids must be an integer array (N, L), got {ids.dtype} {ids.shape}")
+    N, L = ids.shape
+    if L > config.max_length:
+        raise ValueError(f"text encoder: {L} tokens exceed max_length={config.max_length}; "
+                         "truncate in the tokenizer")
+    return ids, check_key_mask(mask, N, L, "text mask")
+
+
+def text_encoder_forward(params, config, ids, mask):
+    """ids (N, L) int token ids (BOS included), mask (N, L) bool, True for real tokens and at least
+    one per row. Returns (tokens (N, L, D), pooled (N, D), cache), in the parameters' dtype."""
+    ids, mask = _check_inputs(config, ids, mask)
+    L = ids.shape[1]
+    D = config.width
+    eps = config.norm_eps
+    h, c_tok = F.embedding_forward(ids, params["token_embed.weight"])  # (N, L, D)
+    h = h + params["pos_embed.weight"][:L]
+    blocks = []
+    for i in range(config.num_layers):
+        b = f"blocks.{i}."
+        a, c_ln1 = F.layer_norm_forward(h, params[b + "ln1.weight"], params[b + "ln1.bias"], eps)
+        a, c_att = self_attention_forward(a, params[b + "attn.qkv.weight"], params[b + "attn.qkv.bias"],
+                                          params[b + "attn.proj.weight"], params[b + "attn.proj.bias"],
+                                          config.num_heads, key_mask=mask)
+        h = h + a
+        m, c_ln2 = F.layer_norm_forward(h, params[b + "ln2.weight"], params[b + "ln2.bias"], eps)
+        m, c_fc1 = F.linear_forward(m, params[b + "mlp.fc1.weight"], params[b + "mlp.fc1.bias"])  # (N, L, 4D)
+        m, c_gelu = F.gelu_forward(m)
+        m, c_fc2 = F.linear_forward(m, params[b + "mlp.fc2.weight"], params[b + "mlp.fc2.bias"])  # (N, L, D)
+        h = h + m
+        blocks.append((c_ln1, c_att, c_ln2, c_fc1, c_gelu, c_fc2))
+    tokens, c_lnf = F.layer_norm_forward(h, params["ln_final.weight"], params["ln_final.bias"], eps)
+    w = (mask / mask.sum(axis=1, keepdims=True)).astype(tokens.dtype)  # (N, L) mean weights
+    pooled = np.einsum("nl,nld->nd", w, tokens)  # (N, D)
+    assert pooled.shape[1] == D
+    return tokens, pooled, (c_tok, L, blocks, c_lnf, w)
+
+
+def text_encoder_backward(params, config, dtokens, dpooled, cache):
+    """Gradients of sum(tokens * dtokens) + sum(pooled * dpooled); either may be None.
+    Returns a dict with one gradient per parameter name."""
+    c_tok, L, blocks, c_lnf, w = cache
+    grads = {}
+    dtype = w.dtype
+    dh = np.zeros(c_lnf[0].shape, dtype=dtype) if dtokens is None else dtokens.astype(dtype)
+    if dpooled is not None:
+        dh = dh + w[:, :, None] * dpooled.astype(dtype)[:, None, :]  # pooled = sum_l w[l] tokens[l]
+    dh, grads["ln_final.weight"], grads["ln_final.bias"] = F.layer_norm_backward(dh, c_lnf)
+    for i in reversed(range(config.num_layers)):
+        b = f"blocks.{i}."
+        c_ln1, c_att, c_ln2, c_fc1, c_gelu, c_fc2 = blocks[i]
+        # h = h + fc2(GELU(fc1(LN2(h))))
+        dm, grads[b + "mlp.fc2.weight"], grads[b + "mlp.fc2.bias"] = F.linear_backward(dh, c_fc2)
+        (dm,) = F.gelu_backward(dm, c_gelu)
+        dm, grads[b + "mlp.fc1.weight"], grads[b + "mlp.fc1.bias"] = F.linear_backward(dm, c_fc1)
+        dm, grads[b + "ln2.weight"], grads[b + "ln2.bias"] = F.layer_norm_backward(dm, c_ln2)
+        dh = dh + dm
+        # h = h + proj(SelfAttention(LN1(h)))
+        da, grads[b + "attn.qkv.weight"], grads[b + "attn.qkv.bias"], \
+            grads[b + "attn.proj.weight"], grads[b + "attn.proj.bias"] = self_attention_backward(dh, c_att)
+        da, grads[b + "ln1.weight"], grads[b + "ln1.bias"] = F.layer_norm_backward(da, c_ln1)
+        dh = dh + da
+    # h = token_embed[ids] + pos_embed[:L]
+    dpos = np.zeros_like(params["pos_embed.weight"])
+    dpos[:L] = dh.sum(axis=0)
+    grads["pos_embed.weight"] = dpos
+    _, grads["token_embed.weight"] = F.embedding_backward(dh, c_tok)
+    return grads
