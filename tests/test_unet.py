@@ -136,3 +136,36 @@ def test_input_errors_are_clear():
         unet_forward(p, TINY, x, t, ctx, mask, pooled[:, :2])
     with pytest.raises(ValueError, match="num_groups"):
         init_unet(UNetConfig(base_channels=48), rng)
+
+
+def test_tiny_unet_overfits_one_batch():
+    """Eight 16x16 images with fixed noise and timesteps: AdamW drives the noise-prediction loss
+    down at least 100x in 120 steps (measured: about 1000x, in about 5 s on 2 cores). A wrong
+    gradient anywhere shows up here as a stalled or diverging loss."""
+    from npdiff.nn import optim
+    config = UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(1,), num_heads=2, context_dim=8, num_groups=4)
+    rng = np.random.default_rng(0)
+    p = init_unet(config, rng, np.float32)
+    N, S = 8, 16
+    x0 = np.clip(rng.standard_normal((N, 3, 1, 1)), -1, 1) * np.ones((N, 3, S, S))  # flat colours
+    yy, xx = np.mgrid[:S, :S]
+    for n in range(N):  # ... each with a disc of the inverted colour
+        cy, cx, r = rng.integers(4, 12, 3)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (r / 2 + 2) ** 2
+        x0[n][:, disc] *= -1
+    noise = rng.standard_normal(x0.shape)
+    t = rng.integers(0, 1000, N)
+    abar = (np.cos(t / 1000 * np.pi / 2) ** 2)[:, None, None, None]
+    x_t = (np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32)
+    ctx, pooled = rng.standard_normal((N, 4, 8)), rng.standard_normal((N, 8))
+    mask = np.ones((N, 4), bool)
+    state = optim.adamw_init(p)
+    losses = []
+    for _ in range(120):
+        out, cache = unet_forward(p, config, x_t, t, ctx, mask, pooled)
+        diff = out - noise.astype(np.float32)
+        losses.append(float(np.mean(diff ** 2)))
+        grads, _, _ = unet_backward(p, config, (2.0 / diff.size) * diff, cache)
+        optim.adamw_step(p, grads, state, 3e-3)
+    assert losses[0] / min(losses[-5:]) >= 100, (losses[0], losses[-5:])
