@@ -175,11 +175,10 @@ def layer_norm_backward(dy, x, gamma, mean, rstd):
 
 
 def _sigmoid(x):
-    # 1 / (1 + exp(-x)) for x >= 0 and exp(x) / (1 + exp(x)) for x < 0: the exponent is never
-    # positive, so nothing overflows, and tiny values keep their relative precision
-    e = np.exp(-np.abs(x))
-    r = 1.0 / (1.0 + e)
-    return np.where(x >= 0, r, e * r)
+    # for x << 0, exp(-x) overflows to inf and 1 / (1 + inf) = 0, the correct limit; elsewhere
+    # the formula keeps full relative precision
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def silu_forward(x):
