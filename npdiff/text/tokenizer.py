@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import string
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -156,21 +157,31 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZ
     """Train a WordPiece tokenizer on captions -> Tokenizer with at most vocab_size pieces.
 
     The trainer learns whole words and frequent pieces within vocab_size minus room for
-    the word-continuing letters and digits added after it (GUARANTEED_PIECES).
+    the word-continuing letters and digits added after it (GUARANTEED_PIECES). The
+    trainer breaks ties between equally frequent merges in no fixed order, so the
+    vocabulary is then made canonical: only the pieces that the captions' own
+    tokenization uses are kept (a longest-match-first tokenizer encodes every caption
+    the same without the others), ordered by falling frequency, then alphabetically,
+    then the guaranteed pieces. The same captions always give the same JSON.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} "
                          f"(special tokens, letters, digits and punctuation take {len(SPECIAL_TOKENS) + len(GUARANTEED_PIECES)})")
+    captions = [str(c) for c in captions]
     hf = _empty_wordpiece()
     reserve = sum(p.startswith("##") for p in GUARANTEED_PIECES)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - reserve, special_tokens=list(SPECIAL_TOKENS),
                                         initial_alphabet=list(WORD_CHARS + string.punctuation), show_progress=False)
-    hf.train_from_iterator((str(c) for c in captions), trainer)
-    vocab = hf.get_vocab()                                     # piece -> id, ids 0..V-1
+    hf.train_from_iterator(captions, trainer)
+    learned = dict(hf.get_vocab())                             # piece -> id, in the trainer's order
     for piece in GUARANTEED_PIECES:
-        if piece not in vocab:
-            vocab[piece] = len(vocab)
-    hf.model = models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS)
+        learned.setdefault(piece, len(learned))
+    hf.model = models.WordPiece(learned, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS)
+    counts = Counter(piece for enc in hf.encode_batch(captions, add_special_tokens=False) for piece in enc.tokens)
+    used = sorted((p for p in counts if p not in SPECIAL_TOKENS), key=lambda p: (-counts[p], p))
+    pieces = list(SPECIAL_TOKENS) + used + [p for p in GUARANTEED_PIECES if p not in counts]
+    hf.model = models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token=UNK,
+                                max_input_chars_per_word=MAX_WORD_CHARS)
     hf.decoder = decoders.WordPiece(prefix="##")
     template = f"{BOS} $A {EOS}" if add_eos else f"{BOS} $A"
     hf.post_processor = processors.TemplateProcessing(
