@@ -1,0 +1,120 @@
+"""Training objectives, each returning the loss and its gradient with respect to the network output.
+
+Dimensions: N = batch, C = data channels, D = number of data dimensions per example (C*H*W).
+
+There is no autograd in npdiff: the training loop hands the gradient returned here to the network's
+backward pass. Every gradient is written next to the forward line it differentiates.
+
+Objectives (per example, mean over the D dimensions):
+    eps: ||eps_hat - eps||^2     x0: ||x0_hat - x0||^2     v: ||v_hat - v||^2
+For the same underlying x0 estimate these differ only by a factor that depends on t:
+    ||eps_hat - eps||^2 = snr ||x0_hat - x0||^2,   ||v_hat - v||^2 = (snr + 1) ||x0_hat - x0||^2,
+which is why min-SNR-gamma (Hang et al. 2023, "Efficient diffusion training via min-SNR weighting
+strategy") takes a different form per objective so that all three weight the x0 error by min(snr, gamma).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .forward import (Prediction, Variance, as_prediction, as_variance, extract, prediction_target, q_sample,
+                      snr as snr_of)
+from .gaussian import LOG2, discretized_gaussian_log_likelihood, vlb_term_bpd
+from .reverse import p_mean_variance, split_model_output
+from .schedule import Schedule
+
+
+def _per_example(values, ndim):
+    """(N,) -> (N, 1, 1, ...) to broadcast against an ndim-dimensional batch."""
+    return values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def min_snr_weight(snr, gamma: float, prediction) -> np.ndarray:
+    """The per-example loss weight of min-SNR-gamma for a given objective.
+
+    eps: min(snr, gamma) / snr   (1 where snr <= gamma, which is also its limit at snr = 0)
+    x0:  min(snr, gamma)
+    v:   min(snr, gamma) / (snr + 1)
+    """
+    snr = np.asarray(snr, dtype=np.float64)
+    prediction = as_prediction(prediction)
+    clipped = np.minimum(snr, gamma)
+    if prediction is Prediction.EPS:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(snr > gamma, gamma / snr, 1.0)
+    if prediction is Prediction.X0:
+        return clipped
+    return clipped / (snr + 1.0)
+
+
+def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction, min_snr_gamma=None,
+                  variance=Variance.FIXED_SMALL, vlb_weight: float = 0.001, x_t=None, return_terms: bool = False):
+    """(loss, d loss / d model_output) for one batch.
+
+    model_output (N, C, ...) or, with variance=LEARNED_RANGE, (N, 2C, ...): prediction, then improved
+    DDPM's v. x0, noise (N, C, ...) and t_idx (N,) indices into `schedule` are what produced
+    x_t = q_sample(schedule, x0, t_idx, noise) (recomputed when not given).
+
+    L = mean_n w_n mse_n                                   (L_simple, Ho et al. 2020 eq. 14)
+      + vlb_weight * T * mean_n L_vlb,n    if learned       (L_hybrid, Nichol & Dhariwal 2021 Sec. 3.1)
+    where w_n is the min-SNR weight (1 without it) and L_vlb,n the bound term of example n at its t, in
+    bits per dimension. T * L_t is the one-sample estimate of the whole bound sum_t L_t for uniform t;
+    with vlb_weight = 0.001 this equals improved-diffusion's L_simple + L_vb * T / 1000. The bound term
+    sees the mean through a stop-gradient, so it trains only the variance (as in the paper).
+    """
+    prediction, variance = as_prediction(prediction), as_variance(variance)
+    t_idx = np.broadcast_to(np.asarray(t_idx, dtype=np.int64), (x0.shape[0],))
+    if x_t is None:
+        x_t = q_sample(schedule, x0, t_idx, noise)
+    pred, var_values = split_model_output(model_output, x_t)
+    if var_values is not None and variance is not Variance.LEARNED_RANGE:
+        raise ValueError("the model outputs variance channels; train it with variance=LEARNED_RANGE")
+    N = x0.shape[0]
+    D = int(np.prod(x0.shape[1:]))
+
+    # L_simple
+    target = prediction_target(schedule, x0, t_idx, noise, prediction)
+    diff = pred.astype(np.float64) - target  # (N, C, ...)
+    mse = (diff**2).reshape(N, -1).mean(axis=1)  # (N,)
+    if min_snr_gamma is None:
+        w = np.ones(N)
+    else:
+        w = min_snr_weight(snr_of(schedule, t_idx), min_snr_gamma, prediction)  # (N,)
+    loss_simple = float(np.mean(w * mse))
+    # d/d pred of mean_n w_n (1/D) sum_j diff_nj^2
+    d_pred = _per_example(w, diff.ndim) * 2.0 * diff / (N * D)
+    terms = dict(mse=mse, weight=w, loss_simple=loss_simple)
+
+    if variance is not Variance.LEARNED_RANGE:
+        loss, grad = loss_simple, d_pred
+    else:
+        if var_values is None:
+            raise ValueError("variance=LEARNED_RANGE needs a model output with twice the data channels")
+        # The bound term with the mean frozen (stop-gradient): only log Sigma depends on var_values.
+        p = p_mean_variance(schedule, model_output, x_t, t_idx, prediction, variance)
+        mean, log_var = p["mean"], p["log_variance"]
+        vlb = vlb_term_bpd(schedule, x0, x_t, t_idx, mean, log_var, decoder="discretized")  # (N,)
+        scale = vlb_weight * len(schedule)
+        loss = loss_simple + scale * float(np.mean(vlb))
+        # t > 0: KL = 0.5 (lv - lv~ + exp(lv~ - lv) + (mu~ - mu)^2 exp(-lv) - 1) per dimension
+        #   d KL / d lv = 0.5 (1 - (beta~ + (mu~ - mu)^2) exp(-lv))
+        true_mean = (extract(schedule.posterior_mean_coef1, t_idx, x0.shape) * x0
+                     + extract(schedule.posterior_mean_coef2, t_idx, x0.shape) * x_t)
+        true_var = extract(schedule.posterior_variance, t_idx, x0.shape)
+        d_kl = 0.5 * (1.0 - (true_var + (true_mean - mean) ** 2) * np.exp(-log_var))
+        # t = 0: -log P(x0; mu, log_scale = lv / 2), so d/d lv = -0.5 d log P / d log_scale
+        _, dlogp = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, return_grad=True)
+        d_nll = -0.5 * dlogp
+        first = _per_example(t_idx == 0, x0.ndim)
+        d_lv = np.where(first, d_nll, d_kl)
+        # lv = f log beta + (1 - f) log beta~_clipped, f = (v + 1) / 2  =>  d lv / d v = (log beta - log beta~) / 2
+        d_v = 0.5 * (extract(schedule.log_betas, t_idx, x0.shape)
+                     - extract(schedule.posterior_log_variance_clipped, t_idx, x0.shape))
+        # mean_n of (1 / (D log 2)) sum_j term_nj, times scale
+        d_var = scale * d_lv * d_v / (N * D * LOG2)
+        grad = np.concatenate([d_pred, d_var], axis=1)
+        terms.update(vlb_bpd=vlb, loss_vlb=loss - loss_simple)
+    grad = grad.astype(np.asarray(model_output).dtype, copy=False)
+    if return_terms:
+        return loss, grad, terms
+    return loss, grad
