@@ -23,9 +23,14 @@ background phrase closes the caption):
     "a large yellow triangle on a black background",
     "a red circle on the left and a blue square on the right"
 
-An attribute the caption does not name is drawn at random (the background never takes
-an object's color). How often each attribute is named is in NAME_PROB: color and shape
-almost always, so the model sees them; the rest about half the time.
+("an" goes before a vowel: "an orange circle", "on an orange background".) An attribute
+the caption does not name is drawn at random (the background never takes an object's
+color). How often each is named (NAME_PROB; color and shape almost always, so that the
+model sees them in nearly every caption):
+
+    one object (60% of captions):   color 0.9, shape 0.9, size 0.5, position 0.5, background 0.5
+    two objects (40%):              color 0.9 and shape 0.9 and size 0.3, object by object;
+                                    position 0.8 (both objects or neither); background 0.3
 
 Geometry, in pixels of a 32x32 image (everything scales with the resolution): an
 object's size is the side of its bounding box, small 8-12 px and large 16-22 px; a
@@ -33,11 +38,11 @@ triangle points up and is equilateral (width s, height s*sqrt(3)/2). A position 
 the object's centroid lies in the matching cell of a 3x3 grid (left: left third of the
 columns and middle third of the rows, and so on), at least CELL_MARGIN inside it, and
 the whole object lies inside the image. Where a large object does not fit in its cell
-(a large triangle at the top, two objects side by side) it shrinks until it does, so
-"large" can come out as small as about 15.5 px; the judge's small/large threshold is
-14 px. Two objects always sit at opposite positions (left/right or top/bottom) with a
-gap of GAP px, and at most one of them is large, because two large objects cannot sit
-side by side in 32 px without touching.
+at the size drawn, it shrinks until it does: a large triangle at the top is at most
+17.2 px, a large object on a side at most 19.8 px, and no large object is below 16 px.
+The judge's small/large threshold is 14 px. Two objects always sit at opposite
+positions (left/right or top/bottom) with a gap of GAP px, and at most one of them is
+large, because two large objects cannot sit side by side in 32 px without touching.
 
 The color-shape pairs in HELD_OUT_PAIRS are never drawn in training
 (allow_held_out=False); evaluation renders them on purpose to test composition.
