@@ -100,8 +100,8 @@ def _read_metadata(root: Path, images: list[Path]) -> dict[Path, str]:
         captions[path] = record["text"].strip()
     for img in images:
         if img.resolve() not in captions:
-            raise DataError(f"{img} has no caption in {meta}; add a line {{\"file_name\": "
-                            f"{json.dumps(img.relative_to(root).as_posix())}, \"text\": \"...\"}} or move the image out")
+            line = json.dumps({"file_name": img.relative_to(root).as_posix(), "text": "..."})
+            raise DataError(f"{img} has no caption in {meta}; add a line {line} or move the image out")
     return captions
 
 

@@ -129,8 +129,8 @@ class Tokenizer:
                 raise TypeError(f"encode_batch takes texts (str), got {type(t).__name__}: {t!r}")
         least = 2 if self.adds_eos else 1
         if max_length < least:
-            raise ValueError(f"max_length {max_length} leaves no room for [BOS]{' and [EOS]' if self.adds_eos else ''}; "
-                             f"use at least {least}")
+            specials = "[BOS] and [EOS]" if self.adds_eos else "[BOS]"
+            raise ValueError(f"max_length {max_length} leaves no room for {specials}; use at least {least}")
         ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)  # (N, L)
         mask = np.zeros((len(texts), max_length), dtype=bool)               # (N, L)
         for i, enc in enumerate(self._hf.encode_batch(texts)):
@@ -165,8 +165,9 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZ
     then the guaranteed pieces. The same captions always give the same JSON.
     """
     if vocab_size < MIN_VOCAB_SIZE:
+        fixed = len(SPECIAL_TOKENS) + len(GUARANTEED_PIECES)
         raise ValueError(f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} "
-                         f"(special tokens, letters, digits and punctuation take {len(SPECIAL_TOKENS) + len(GUARANTEED_PIECES)})")
+                         f"(special tokens, letters, digits and punctuation alone take {fixed})")
     captions = [str(c) for c in captions]
     hf = _empty_wordpiece()
     reserve = sum(p.startswith("##") for p in GUARANTEED_PIECES)
@@ -197,5 +198,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except FileNotFoundError:
         raise TokenizerError(f"tokenizer file {path} does not exist; a model folder needs its tokenizer.json") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read tokenizer file {path} ({e}); replace it with the one saved beside the model") from None
+        raise TokenizerError(f"cannot read tokenizer file {path} ({e}); "
+                             f"replace it with the one saved beside the model") from None
     return Tokenizer.from_str(text, source=str(path))
