@@ -47,11 +47,12 @@ def test_unet_directional_derivative(config):
     names = sorted(p)
     loss = lambda: float(np.sum(unet_forward(p, config, x, t, ctx, mask, pooled)[0] * R))  # noqa: E731
     # all parameters and the differentiable inputs along one random direction ...
-    err = directional_check(loss, [p[k] for k in names] + [ctx, pooled],
-                            [grads[k] for k in names] + [dctx, dpooled], rng)
-    assert err <= 1e-6, err
+    arrays, analytic = [p[k] for k in names] + [ctx, pooled], [grads[k] for k in names] + [dctx, dpooled]
+    for along_gradient in (False, True):
+        err = directional_check(loss, arrays, analytic, rng, along_gradient=along_gradient)
+        assert err <= 1e-6, (along_gradient, err)
     # ... and each parameter on its own, so that one wrong gradient cannot hide among many
-    worst = max((directional_check(loss, [p[k]], [grads[k]], rng), k) for k in names)
+    worst = max((directional_check(loss, [p[k]], [grads[k]], rng, along_gradient=True), k) for k in names)
     assert worst[0] <= 1e-6, worst
 
 
@@ -169,3 +170,19 @@ def test_tiny_unet_overfits_one_batch():
         grads, _, _ = unet_backward(p, config, (2.0 / diff.size) * diff, cache)
         optim.adamw_step(p, grads, state, 3e-3)
     assert losses[0] / min(losses[-5:]) >= 100, (losses[0], losses[-5:])
+
+
+def test_directional_check_catches_one_wrong_entry():
+    """A single wrong gradient entry among thousands fails the per-parameter check."""
+    rng = np.random.default_rng(6)
+    p = perturbed_params(TINY, rng)
+    x, t, ctx, mask, pooled = inputs(TINY, rng)
+    out, cache = unet_forward(p, TINY, x, t, ctx, mask, pooled)
+    R = rng.standard_normal(out.shape)
+    grads, _, _ = unet_backward(p, TINY, R, cache)
+    loss = lambda: float(np.sum(unet_forward(p, TINY, x, t, ctx, mask, pooled)[0] * R))  # noqa: E731
+    name = "up.1.res.0.conv1.weight"
+    wrong = grads[name].copy()
+    wrong.flat[7] += 0.01 * np.abs(wrong).max()
+    assert directional_check(loss, [p[name]], [grads[name]], rng, along_gradient=True) <= 1e-6
+    assert directional_check(loss, [p[name]], [wrong], rng, along_gradient=True) > 1e-6
