@@ -17,6 +17,17 @@ import os
 
 BACKEND_NAMES = ("reference", "cpu", "cuda")
 
+# every backend module defines all of these, with reference.py's signatures
+KERNEL_NAMES = (
+    "conv2d_forward", "conv2d_backward",
+    "group_norm_forward", "group_norm_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "silu_forward", "silu_backward",
+    "gelu_forward", "gelu_backward",
+    "linear_forward", "linear_backward",
+    "attention_forward", "attention_backward",
+)
+
 _loaded = {}  # name -> module
 _active = None  # name chosen by set_backend or the environment
 
@@ -43,6 +54,10 @@ def _load(name):
                 raise RuntimeError(f"kernel backend {name!r} is not available in this install; "
                                    "use 'reference' or 'cpu'") from err
             from npdiff.kernels import reference as module  # no compiled CPU kernels yet
+    missing = [k for k in KERNEL_NAMES if not callable(getattr(module, k, None))]
+    if missing:
+        raise RuntimeError(f"kernel backend {name!r} lacks {', '.join(missing)}; a backend may "
+                           "re-export reference kernels it does not accelerate")
     _loaded[name] = module
     return module
 
