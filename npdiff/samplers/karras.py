@@ -65,13 +65,14 @@ def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0):
 
 def _denoise(model_fn, x, sigma: float, t: int, prediction, process):
     """D(x; sigma): the x0 estimate for the VE state x; also returns the network's input x_vp."""
+    sigma = float(sigma)
     scale = 1.0 / np.sqrt(1.0 + sigma**2)  # alpha_t
     x_vp = (x * scale).astype(x.dtype, copy=False)
     pred, _ = call_model(model_fn, x_vp, t)
     x0, _ = x0_eps_from_prediction(x_vp, pred, scale, sigma * scale, prediction)
     if process is not None:
         x0 = process(x0)
-    return x0, x_vp
+    return x0.astype(x.dtype, copy=False), x_vp
 
 
 def _karras_loop(model_fn, schedule, x_T, rng, steps, prediction, rho, callback, clip_x0, dynamic_threshold,
