@@ -132,6 +132,9 @@ def add_train(sub) -> None:
     p.add_argument("--base-channels", type=int, default=d.base_channels)
     p.add_argument("--channel-mult", default=",".join(map(str, d.channel_mult)), help="e.g. 1,2,2")
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
+    p.add_argument("--attention-levels", default=",".join(map(str, d.attention_levels)),
+                   help="levels with self- and cross-attention, e.g. 1,2 (level i has side resolution/2^i)")
+    p.add_argument("--num-groups", type=int, default=d.num_groups, help="group-norm groups")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
@@ -150,10 +153,10 @@ def cmd_train(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
-    try:
-        mult = tuple(int(m) for m in args.channel_mult.split(","))
-    except ValueError:
-        raise UsageError(f"--channel-mult {args.channel_mult!r} must be comma-separated integers, e.g. 1,2,2") from None
+    mult = _int_list(args.channel_mult, "--channel-mult", "1,2,2")
+    attention = _int_list(args.attention_levels, "--attention-levels", "1,2") if args.attention_levels else ()
+    if any(not 0 <= a < len(mult) for a in attention):
+        raise UsageError(f"--attention-levels {args.attention_levels} must name levels 0 to {len(mult) - 1}")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is neither 'shapes' nor a folder")
     targs = TrainArgs(
@@ -163,9 +166,16 @@ def cmd_train(args) -> int:
         ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
         checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=args.resume_from_checkpoint,
         validation_prompts=tuple(args.validation_prompts), base_channels=args.base_channels, channel_mult=mult,
-        num_res_blocks=args.num_res_blocks, text_width=args.text_width, text_layers=args.text_layers,
+        num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
+        text_width=args.text_width, text_layers=args.text_layers,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
     )
+    try:
+        from npdiff.nn.unet import UNetConfig
+        UNetConfig(base_channels=targs.base_channels, channel_mult=mult, num_res_blocks=targs.num_res_blocks,
+                   attention_levels=attention, num_groups=targs.num_groups, context_dim=targs.text_width).validate()
+    except ValueError as e:
+        raise UsageError(f"the model shape flags do not fit together: {e}") from None
     try:
         final = train(targs)
     except TrainingError as e:
@@ -173,6 +183,13 @@ def cmd_train(args) -> int:
         return 1
     print(f"model written to {final}")
     return 0
+
+
+def _int_list(text: str, flag: str, example: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} must be comma-separated integers, e.g. {example}") from None
 
 
 # ----------------------------------------------------------------------------

@@ -66,6 +66,8 @@ class TrainArgs:
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
+    attention_levels: tuple[int, ...] = (1, 2)
+    num_groups: int = 32
     text_width: int = 128
     text_layers: int = 2
     vocab_size: int = 256
@@ -86,8 +88,7 @@ class ShapesSource:
         self.resolution = resolution
 
     def captions_for_tokenizer(self, rng: np.random.Generator) -> list[str]:
-        return self.shapes.all_caption_words_corpus() if hasattr(self.shapes, "all_caption_words_corpus") else \
-            self.shapes.sample_batch(rng, 4000, resolution=self.resolution)[1]
+        return self.shapes.caption_corpus(20000)
 
     def batch(self, rng: np.random.Generator, n: int):
         images, captions, _ = self.shapes.sample_batch(rng, n, resolution=self.resolution)
@@ -185,7 +186,8 @@ def build_model(args: TrainArgs, source, rng) -> Model:
     config = ModelConfig(
         resolution=args.resolution, beta_schedule=args.beta_schedule, prediction=args.prediction,
         unet=UNetConfig(base_channels=args.base_channels, channel_mult=tuple(args.channel_mult),
-                        num_res_blocks=args.num_res_blocks, context_dim=args.text_width),
+                        num_res_blocks=args.num_res_blocks, attention_levels=tuple(args.attention_levels),
+                        num_groups=args.num_groups, context_dim=args.text_width),
         text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers),
     )
     return Model.init(config, tokenizer, rng)

@@ -1,0 +1,92 @@
+"""Training loop: exact resume, the non-finite-loss guard, checkpoint contents and CLI errors."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from npdiff import checkpoint as ckpt
+from npdiff import train as train_mod
+from npdiff.cli import main
+from npdiff.model import Model
+from npdiff.train import TrainArgs, TrainingError, train
+
+TINY = TrainArgs(resolution=16, train_batch_size=3, max_train_steps=4, checkpointing_steps=2, lr_warmup_steps=1,
+                 base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_groups=4, text_width=16,
+                 text_layers=1, vocab_size=128, log_every=1, learning_rate=1e-3)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = tmp_path / "straight"
+    train(replace(TINY, output_dir=str(straight)), progress=False)
+
+    resumed = tmp_path / "resumed"
+    train(replace(TINY, output_dir=str(resumed), max_train_steps=2), progress=False)
+    train(replace(TINY, output_dir=str(resumed), resume_from_checkpoint="latest"), progress=False)
+
+    a, b = _files(straight / "checkpoint-4"), _files(resumed / "checkpoint-4")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name == ckpt.STATE_FILE:   # holds the arguments, which differ in resume_from_checkpoint
+            sa, sb = json.loads(a[name]), json.loads(b[name])
+            assert (sa["step"], sa["rng"], sa["last_loss"]) == (sb["step"], sb["rng"], sb["last_loss"])
+        else:
+            assert a[name] == b[name], f"{name} differs after resuming"
+    log_a = [json.loads(l) for l in (straight / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log_b] == [1, 2, 3, 4]
+    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    final = train(replace(TINY, output_dir=str(out), max_train_steps=30, checkpointing_steps=30,
+                          train_batch_size=8, learning_rate=3e-3, lr_warmup_steps=3, log_every=5), progress=False)
+    losses = [json.loads(l)["loss"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+    model = Model.load(final)
+    ema = ckpt.load_tensors(out / "checkpoint-30" / ckpt.EMA_FILE)
+    assert model.params.keys() == ema.keys()
+    assert all(np.array_equal(model.params[k], ema[k]) for k in ema)   # the export holds the EMA weights
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def failing_step(*args, **kw):
+        calls["n"] += 1
+        loss, grads = real_step(*args, **kw)
+        return (float("nan") if calls["n"] == 3 else loss), grads
+
+    monkeypatch.setattr(train_mod, "train_step", failing_step)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*checkpoint-2"):
+        train(replace(TINY, output_dir=str(out)), progress=False)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "model").exists()
+    Model.load(out / "checkpoint-2")          # intact and loadable
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--output-dir", str(tmp_path / "o"), "--resume-from-checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a training checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--resolution", "30"], "multiple of 8"),
+    (["train", "--channel-mult", "1,x"], "comma-separated integers"),
+    (["train", "--attention-levels", "5"], "must name levels"),
+    (["train", "--base-channels", "12"], "do not fit together"),
+    (["train", "--data", "/no/such/folder"], "neither 'shapes' nor a folder"),
+])
+def test_train_flag_errors(argv, needle, capsys, tmp_path):
+    code = main(argv + ["--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
