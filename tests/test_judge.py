@@ -9,10 +9,11 @@ each run measures the same images):
     clean, 48x48 and 64x64, 200 images each          >= 99%   (measured 100%)
     Gaussian noise sigma = 16 (of 255) per channel   >= 99%   (measured 99.8% count, 99.86% the rest)
     1-2-1 blur, then noise sigma = 12                >= 99%   (measured 99.8% count, 99.86% the rest)
+    two passes of 1-2-1 blur (sigma ~1 px), 1000     >= 99%   (measured 99.5% count, 99.72% the rest)
 
 Beyond these the judge degrades gradually (1000 images each): at sigma = 24 it
-measured 99.4% count and 99.6% the rest, at sigma = 32 95.5% count and 96.5-96.8% the
-rest; small orange triangles, orange lying only 71 from yellow, are the first lost.
+measured 99.4% count and 99.57% the rest, at sigma = 32 95.5% count and 96.6-96.8%
+the rest; small orange triangles, orange lying only 71 from yellow, are lost first.
 """
 
 from collections import Counter
@@ -24,9 +25,10 @@ from npdiff.data import judge, shapes
 from npdiff.data.shapes import Scene, SceneObject
 
 
-def degrade(images, sigma=0.0, blur=False, seed=0):
+def degrade(images, sigma=0.0, blur=0, seed=0):
+    """Blur passes of the separable 1-2-1 filter (edges repeated), then Gaussian noise of sigma, then rounding."""
     x = images.astype(np.float64)                   # (N, H, W, C)
-    if blur:                                        # separable 1-2-1 filter, edges repeated
+    for _ in range(blur):
         x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
         x = 0.25 * x[:, :-2] + 0.5 * x[:, 1:-1] + 0.25 * x[:, 2:]
         x = 0.25 * x[:, :, :-2] + 0.5 * x[:, :, 1:-1] + 0.25 * x[:, :, 2:]
@@ -46,11 +48,12 @@ def accuracy(images, scenes):
 
 
 @pytest.mark.parametrize("resolution, n, sigma, blur", [
-    (32, 1000, 0, False),
-    (48, 200, 0, False),
-    (64, 200, 0, False),
-    (32, 500, 16, False),
-    (32, 500, 12, True),
+    (32, 1000, 0, 0),
+    (48, 200, 0, 0),
+    (64, 200, 0, 0),
+    (32, 500, 16, 0),
+    (32, 500, 12, 1),
+    (32, 1000, 0, 2),
 ])
 def test_judge_accuracy_per_attribute(resolution, n, sigma, blur):
     images, _, scenes = shapes.sample_batch(np.random.default_rng(100 + resolution), n, resolution=resolution)
@@ -59,19 +62,36 @@ def test_judge_accuracy_per_attribute(resolution, n, sigma, blur):
     assert min(acc.values()) >= 0.99, acc
 
 
-@pytest.mark.parametrize("background, color", [("yellow", "red"), ("red", "yellow"), ("blue", "red"),
-                                               ("red", "blue")])
-@pytest.mark.parametrize("blur", [False, True])
-def test_blend_edges_are_not_objects(background, color, blur):
-    """Half red, half yellow is orange; half red, half blue is near purple: the edge is not an object."""
-    rng = np.random.default_rng(7)
+BLENDING = [("yellow", "red"), ("red", "yellow"), ("blue", "red"), ("red", "blue")]
+
+
+def _blending_scenes(background, color, repeats, rng):
     specs = [Scene((SceneObject(color, shape, size, pos),), background)
              for shape in shapes.SHAPES for size in shapes.SIZES for pos in shapes.POSITIONS]
-    scenes = [shapes.complete(s, rng) for s in specs * 2]
-    images = degrade(shapes.render(scenes, rng), blur=blur)
-    for img, scene in zip(images, scenes):
-        judged = judge.judge_image(img)
-        assert judged == scene, (scene, judged)
+    return [shapes.complete(s, rng) for s in specs * repeats]
+
+
+@pytest.mark.parametrize("background, color", BLENDING)
+def test_blend_edges_are_not_objects(background, color):
+    """Half red, half yellow is orange; half red, half blue is near purple: the edge is not an object.
+
+    Sharp and lightly blurred (one 1-2-1 pass): every image read exactly right. Blurred
+    twice (sigma ~1 px), edge rings two or three pixels wide: never an extra object
+    (this fails without either ring rule of detect), and at least 97% read exactly
+    right (measured 98-100%; the misses are small triangles whose own color shrinks
+    to a few pixels).
+    """
+    rng = np.random.default_rng(7)
+    scenes = _blending_scenes(background, color, 2, rng)
+    images = shapes.render(scenes, rng)
+    for blur in (0, 1):
+        for img, scene in zip(degrade(images, blur=blur), scenes):
+            judged = judge.judge_image(img)
+            assert judged == scene, (blur, scene, judged)
+    scenes = _blending_scenes(background, color, 10, rng)
+    judged = [judge.judge_image(img) for img in degrade(shapes.render(scenes, rng), blur=2)]
+    assert max(len(j.objects) for j in judged) == 1
+    assert np.mean([j == s for j, s in zip(judged, scenes)]) >= 0.97
 
 
 def test_held_out_pairs_are_read_like_any_other():

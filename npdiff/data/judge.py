@@ -15,7 +15,8 @@ background b, alpha = (x - b).(c - b) / |c - b|^2, not clipped, so that zero-mea
 adds no bias to the area sum(alpha) or the centroid. A square's ragged, noisy edge then
 still has the area of a square, where counting hard-labelled pixels would not. The shape
 is the template (drawn by the dataset's own anti-aliased renderer with the measured
-area and centroid) with the least squared difference from alpha.
+area and centroid, sharp or softened by blur) with the least squared difference from
+alpha.
 
 Edge artifacts matter because anti-aliasing blends neighbouring colors, and some blends
 are themselves near a palette color: half red, half yellow is almost exactly orange;
@@ -44,6 +45,7 @@ MAX_COLOR_DISTANCE = 90.0   # RGB distance beyond which a pixel belongs to no pa
 MIN_AREA = 12.0             # px at 32x32 (scales with area); the smallest object, an 8 px triangle, has 28
 REGION_GROWTH = 2           # px around an object's labelled pixels whose blend with the background counts
 BLEND_DISTANCE = 45.0       # a palette color this near a blend of two others can be an edge artifact
+TEMPLATE_BLURS = 3          # templates are compared sharp and after 1 and 2 passes of a 1-2-1 blur
 
 # area of each shape per unit bounding-box side squared: side = sqrt(area / AREA_PER_SIDE2)
 AREA_PER_SIDE2 = {"circle": np.pi / 4, "square": 1.0, "triangle": SQRT3 / 4}
@@ -61,7 +63,7 @@ class Detection:
     side: float                     # bounding-box side the shape needs for that area, px
     centroid: tuple[float, float]   # (y, x), pixel centers at +0.5
     bbox: tuple[int, int, int, int]  # (y0, x0, y1, x1) of the labelled pixels, end exclusive
-    misfit: dict[str, float]        # shape -> squared difference from its template / area
+    misfit: dict[str, float]        # shape -> least squared difference from its templates / area
 
     def as_object(self) -> SceneObject:
         return SceneObject(self.color, self.shape, self.size, self.position)
@@ -143,6 +145,13 @@ def _blends() -> set[tuple[int, int, int]]:
 BLENDS = _blends()   # with the palette above: red on blue or blue on red -> purple, red/yellow -> orange
 
 
+def blur121(a: np.ndarray) -> np.ndarray:
+    """One pass of the separable 1-2-1 filter over an (H, W) array, edges repeated (a Gaussian of sigma ~0.7 px)."""
+    p = np.pad(a, 1, mode="edge")
+    p = 0.25 * p[:-2] + 0.5 * p[1:-1] + 0.25 * p[2:]
+    return 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
+
+
 def _measure(image: np.ndarray, region: np.ndarray, color: int, background: int,
              bbox: tuple[int, int, int, int]) -> Detection:
     """Attributes of one object from the soft coverage of its region (H, W) bool."""
@@ -161,7 +170,14 @@ def _measure(image: np.ndarray, region: np.ndarray, color: int, background: int,
         # a triangle's centroid lies h/6 below the center of its bounding box
         shift = side * SQRT3 / 12 if shape == "triangle" else 0.0
         template = coverage(shape, px, py + shift, np.float32(side))       # (H, W)
-        misfit[shape] = float(((alpha - template) ** 2).sum()) / area
+        # a generated image has softer edges than the renderer's: blur rounds a square's
+        # corners towards a circle's, so each shape is also tried blurred, and the shape
+        # keeps its best fit
+        errors = []
+        for _ in range(TEMPLATE_BLURS):
+            errors.append(float(((alpha - template) ** 2).sum()) / area)
+            template = blur121(template)
+        misfit[shape] = min(errors)
     shape = min(misfit, key=misfit.get)
     side = float(np.sqrt(area / AREA_PER_SIDE2[shape]))
     size = "large" if side > SIZE_THRESHOLD * min(H, W) / BASE_RESOLUTION else "small"
