@@ -19,12 +19,10 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     from npdiff.checkpoint import CheckpointError
     from npdiff.imaging import ImageError
     errors = [UsageError, CheckpointError, ImageError]
-    for mod, name in (("npdiff.text.prompt", "PromptError"), ("npdiff.data.imagefolder", "DataError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    from npdiff.data.imagefolder import DataError
+    from npdiff.text.prompt import PromptError
+    from npdiff.text.tokenizer import TokenizerError
+    return tuple(errors) + (DataError, PromptError, TokenizerError)
 
 
 # ----------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def evaluate(pipe: Pipeline, n_per_prompt: int = 8, guidance_scales=(1.0, DEFAUL
                                        guidance_scale=scale, progress=False)
                 for img in images:
                     scores = judge.score(judge.judge_image(img), prompt)
-                    for attr, ok in scores.items():
+                    for key, ok in scores.items():
+                        attr = key.partition(".")[0]          # "color.0", "color.1" -> "color"
                         hits[attr] += bool(ok)
                         totals[attr] += 1
                     whole += all(scores.values())
