@@ -224,3 +224,10 @@ def test_zero_terminal_snr_with_v_prediction(name):
     # Karras samplers floor abar at 2^-24 at the top (sigma_max = 4096), one step off the exact start;
     # tolerance as in the Gaussian test, 5/n.
     assert err < 5 / 40, err
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m"])
+def test_eps_prediction_at_zero_snr_is_refused_clearly(name):
+    base = Schedule.from_name("linear", 100, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="v- or x0-prediction"):
+        sample(name, make_denoiser(GAUSS, base, "v"), base, np.zeros((2, 2)), None, 10, prediction="eps")

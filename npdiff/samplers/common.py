@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..diffusion.forward import Prediction, as_prediction
 from ..diffusion.reverse import split_model_output
 from ..diffusion.schedule import Schedule, respace, space_timesteps
 
 
-def respaced(schedule: Schedule, steps: int, spacing: str) -> Schedule:
-    """The schedule a sampler walks: `steps` steps of `schedule` picked with the given spacing."""
+def respaced(schedule: Schedule, steps: int, spacing: str, prediction=None) -> Schedule:
+    """The schedule a sampler walks: `steps` steps of `schedule` picked with the given spacing.
+    With a prediction given, also checks that it can be converted to x0 at every step."""
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if steps > len(schedule):
         raise ValueError(f"steps={steps} exceeds the {len(schedule)} steps of the schedule")
-    return respace(schedule, space_timesteps(len(schedule), steps, spacing))
+    sched = respace(schedule, space_timesteps(len(schedule), steps, spacing))
+    if prediction is not None and as_prediction(prediction) is Prediction.EPS and sched.alphas_cumprod[-1] == 0:
+        raise ValueError("an eps-prediction model cannot start at SNR 0 (a zero-terminal-SNR schedule): x0 "
+                         "cannot be recovered from eps there; use a v- or x0-prediction model")
+    return sched
 
 
 def call_model(model_fn, x: np.ndarray, t: int):

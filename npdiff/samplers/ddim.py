@@ -47,7 +47,7 @@ def sample_ddim(model_fn, schedule: Schedule, x_T, rng: np.random.Generator, *, 
                 clip_x0: bool = False, dynamic_threshold=None):
     """DDIM from x_T (the state at the first sampled step) to x_0; callback(i, x_t, x0_pred) per step."""
     x = check_start(x_T)
-    sched = respaced(schedule, steps, spacing)
+    sched = respaced(schedule, steps, spacing, prediction)
     process = make_process_x0(clip_x0, dynamic_threshold)
     for k, i in enumerate(range(len(sched) - 1, -1, -1)):
         pred, _ = call_model(model_fn, x, sched.timesteps[i])

@@ -38,7 +38,7 @@ def sample_ddpm(model_fn, schedule: Schedule, x_T, rng: np.random.Generator, *, 
     callback(i, x_t, x0_pred) is called once per step, i = 0 .. steps-1 in sampling order.
     """
     x = check_start(x_T)
-    sched = respaced(schedule, steps, spacing)
+    sched = respaced(schedule, steps, spacing, prediction)
     process = make_process_x0(clip_x0, dynamic_threshold)
     for k, i in enumerate(range(len(sched) - 1, -1, -1)):
         out = call_model(model_fn, x, sched.timesteps[i])

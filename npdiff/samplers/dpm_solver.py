@@ -62,7 +62,7 @@ def sample_dpmpp_2m(model_fn, schedule: Schedule, x_T, rng: np.random.Generator,
     if order not in (1, 2):
         raise ValueError(f"DPM-Solver++ order must be 1 or 2, got {order}")
     x = check_start(x_T)
-    sched = respaced(schedule, steps, spacing)
+    sched = respaced(schedule, steps, spacing, prediction)
     process = make_process_x0(clip_x0, dynamic_threshold)
     last = None  # (x0 estimate, step index) of the previous step
     for k, i in enumerate(range(len(sched) - 1, -1, -1)):

@@ -82,7 +82,7 @@ def sample_repaint(model_fn, schedule: Schedule, x_T, rng: np.random.Generator, 
     keep = np.broadcast_to(np.asarray(keep_mask, dtype=x.dtype), x.shape)
     if known.shape != x.shape:
         raise ValueError(f"known image has shape {known.shape}, x_T has {x.shape}")
-    sched = respaced(schedule, steps, spacing)
+    sched = respaced(schedule, steps, spacing, prediction)
     process = make_process_x0(clip_x0, dynamic_threshold)
     k = 0  # reverse steps taken, for the callback
     for move in repaint_moves(len(sched), jump_length, jump_n_sample):
