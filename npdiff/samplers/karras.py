@@ -26,7 +26,7 @@ from ..diffusion.schedule import Schedule
 from .common import call_model, check_start, make_process_x0
 
 ABAR_FLOOR = 2.0**-24  # a zero-terminal-SNR schedule has abar = 0 (sigma = inf) at its last step; as in
-# diffusers, that step gets this abar instead, so sigma_max is large but finite.
+# diffusers, that step gets this abar instead, so sigma_max is large (4096) but finite.
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -40,7 +40,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
 
 def base_sigmas(schedule: Schedule) -> np.ndarray:
     """(T0,) sigma_t = sqrt((1 - abar_t) / abar_t) of the base schedule, increasing with t."""
-    abar = np.maximum(schedule.base_alphas_cumprod, ABAR_FLOOR)
+    abar = schedule.base_alphas_cumprod
+    abar = np.where(abar > 0, abar, ABAR_FLOOR)  # only the SNR-0 step is moved
     return np.sqrt((1.0 - abar) / abar)
 
 
