@@ -218,9 +218,10 @@ def test_zero_terminal_snr_with_v_prediction(name):
     run = lambda x, rng: sample(name, model, base, x, rng, 40, prediction="v")  # noqa: E731
     mean, cov, _ = linear_response_moments(run, np.zeros(2), np.eye(2), max_calls=40)
     err = moment_error(mean, cov, M, S)
-    # Karras samplers floor abar at 2^-24 at the top (sigma_max = 4096), one step off the exact start;
-    # tolerance as in the Gaussian test, 5/n.
-    assert err < 5 / 40, err
+    # Karras samplers floor abar at 2^-24 at the top (sigma_max = 4096) instead of starting at SNR 0.
+    # Tolerance 6/n: measured errors 0.019 (Heun) to 0.118 (Euler-ancestral, n * error = 4.7; this
+    # schedule's first-order constant is a little above the linear schedule's 3.7).
+    assert err < 6 / 40, err
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m"])
