@@ -141,10 +141,10 @@ def test_input_errors_are_clear():
 
 def test_tiny_unet_overfits_one_batch():
     """Eight 16x16 images with fixed noise and timesteps: AdamW drives the noise-prediction loss
-    down at least 100x in 120 steps (measured: about 1000x, in about 5 s on 2 cores). A wrong
+    down at least 100x in 120 steps (measured: about 210x, in 3-4 s on an idle 2-core machine). A wrong
     gradient anywhere shows up here as a stalled or diverging loss."""
     from npdiff.nn import optim
-    config = UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+    config = UNetConfig(in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                         attention_levels=(1,), num_heads=2, context_dim=8, num_groups=4)
     rng = np.random.default_rng(0)
     p = init_unet(config, rng, np.float32)
@@ -168,7 +168,7 @@ def test_tiny_unet_overfits_one_batch():
         diff = out - noise.astype(np.float32)
         losses.append(float(np.mean(diff ** 2)))
         grads, _, _ = unet_backward(p, config, (2.0 / diff.size) * diff, cache)
-        optim.adamw_step(p, grads, state, 3e-3)
+        optim.adamw_step(p, grads, state, 5e-3)
     assert losses[0] / min(losses[-5:]) >= 100, (losses[0], losses[-5:])
 
 
