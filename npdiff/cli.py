@@ -1,6 +1,8 @@
-"""Command line: python -m npdiff {sample, train, ...}.
+"""Command line: python -m npdiff {sample, vary, remix, inpaint, zoom-out, pan, upscale, explain, train}.
 
-Every user mistake ends in one line on stderr, "npdiff: error: ...", and exit code 2.
+Every user mistake ends in one line on stderr, "npdiff: error: ...", and exit code 2, and is found
+before anything is written: inputs are read and checked, the model loaded and the output folder
+probed first; files are written only once every image is drawn, each under a fresh name.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
 
 class UsageError(ValueError):
     """A bad argument or input file, reported in one line with exit code 2."""
@@ -21,86 +24,549 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     errors = [UsageError, CheckpointError, ImageError]
     from npdiff.data.imagefolder import DataError
     from npdiff.text.prompt import PromptError
+    from npdiff.provenance import RecipeError
     from npdiff.text.tokenizer import TokenizerError
-    return tuple(errors) + (DataError, PromptError, TokenizerError)
+    return tuple(errors) + (DataError, PromptError, TokenizerError, RecipeError)
+
+
+# ----------------------------------------------------------------------------
+# options shared by every command that draws images
+
+SIZE_HELP = ("sides are multiples of 8 from 16 to 128 and at most 4x the model's training pixel count "
+             "(4096 for the 32x32 default model); --ar keeps the training pixel count, so ratios up to "
+             "about 4:1 fit")
+CHAOS_HELP = ("0-100: how different the images of one batch are. Chaos spreads the guidance scales: the "
+              "first image keeps --cfg, the last gets cfg - chaos/100*(cfg-1), so at 100 it is drawn "
+              "without guidance and wanders furthest from the prompt's typical look (default 0)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with npdiff's one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        print(f"npdiff: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_drawing_args(p, n_default: int | None = None, parent: bool = False) -> None:
+    inherit = " (default: the parent's)" if parent else ""
+    p.add_argument("--model", default=None, help="model folder (default: the model shipped in the package)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps, 1-1000 (default {25}){inherit}")
+    p.add_argument("--sampler", default=None, help=f"ddpm, ddim, dpmpp-2m (default), euler, heun, euler-a{inherit}")
+    p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale, 0-30 (default 3; 1 turns guidance off){inherit}")
+    p.add_argument("--negative-prompt", default=None, help=f"what to steer away from (inline: --no a, b){inherit}")
+    p.add_argument("--chaos", type=int, default=None, help=CHAOS_HELP)
+    p.add_argument("-n", type=int, default=None,
+                   help=f"number of images, 1-64 (default {n_default or 4}; 4 are shown as a 2x2 grid)")
+    p.add_argument("--outdir", default="outputs", help="output folder (default ./outputs); files are never overwritten")
+    p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference, cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_parent_prompt(p) -> None:
+    p.add_argument("--prompt", default=None, help="the prompt to use instead of the parent's (needed for an image "
+                                                  "npdiff did not make); inline parameters allowed")
 
 
 # ----------------------------------------------------------------------------
 # sample
 
 def add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate a 2x2 grid of images from a prompt",
-                       description="Generate images from a text prompt with the shipped model (or --model).")
-    p.add_argument("prompt", help='what to draw, e.g. "a red circle on a blue background"')
-    p.add_argument("--model", default=None, help="model folder (default: the model shipped in the package)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 25)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpmpp-2m (default), euler, heun, euler-a")
-    p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default 3; 1 turns guidance off)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("-n", type=int, default=4, help="number of images (default 4, shown as a 2x2 grid)")
-    p.add_argument("--outdir", default="outputs", help="output folder (default ./outputs)")
-    p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference, cuda")
+    p = sub.add_parser("sample", help="draw a 2x2 grid of images from a prompt",
+                       description="Draw images from a text prompt. Settings may also follow the prompt, "
+                                   "Midjourney style: \"a red circle --ar 3:2 --seed 7 --no blue --chaos 30\" "
+                                   "(inline --ar, --seed, --steps, --sampler, --cfg, --no, --chaos, --n). Writes "
+                                   "{n:05}-{seed}.png per image and grid-{n:04}.png to --outdir and prints their paths.")
+    p.add_argument("prompt", nargs="?", default=None, help='what to draw, e.g. "a red circle on a blue background"')
+    p.add_argument("--ar", default=None, help=f"aspect ratio W:H, e.g. 3:2; {SIZE_HELP}")
+    p.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
+                   help="re-create an image (or grid) npdiff made, from the recipe in its metadata")
+    p.add_argument("--trajectory", default=None, metavar="OUT.gif",
+                   help="also write the denoising as an animated GIF: x_t (left) and the predicted x_0 (right) per step")
+    _add_drawing_args(p)
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
+    if args.from_image:
+        return _recreate(args)
+    if args.prompt is None:
+        raise UsageError("sample needs a prompt, e.g. npdiff sample \"a red circle\", or --from IMAGE.png")
+    from npdiff.recipes import new_recipe, size_for_ratio
+    from npdiff.text.prompt import _ratio
 
-    from npdiff.imaging import make_grid, save_png
-    from npdiff.model import DEFAULT_MODEL_DIR, Model
-    from npdiff.pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
-    from npdiff.samplers import SAMPLERS
+    prompt, s = _settings(args, args.prompt, extra=("ar",))
+    loaded = _load_model(args.model)
+    res = loaded.model.config.resolution
+    width = height = res
+    if s.get("ar") is not None:
+        ar = s["ar"] if isinstance(s["ar"], tuple) else _ratio("ar", s["ar"])
+        width, height = size_for_ratio(*ar, res)
+    _check_outdir(Path(args.outdir))
+    if args.trajectory:
+        _check_output_file(Path(args.trajectory), ".gif", "--trajectory")
+    recipe = new_recipe("sample", prompt=prompt, width=width, height=height, **_common(s, loaded))
+    return _make_and_write(args, loaded, recipe, trajectory=args.trajectory)
 
-    sampler = args.sampler or DEFAULT_SAMPLER
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    if not 1 <= steps <= 1000:
-        raise UsageError(f"--steps {steps} is out of range; use 1 to 1000")
-    if not 1 <= args.n <= 64:
-        raise UsageError(f"-n {args.n} is out of range; use 1 to 64")
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if args.model is None and not (model_dir / "model.safetensors").is_file():
-        raise UsageError("no default model is installed in this copy of npdiff; train one with "
-                         "`python -m npdiff train` and pass --model runs/shapes/model")
-    outdir = Path(args.outdir)
-    _writable_dir(outdir)
-    seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if args.seed is None else args.seed
 
-    model = Model.load(model_dir)
-    pipe = Pipeline(model)
-    images = pipe.generate([args.prompt] * args.n, negative_prompt=args.negative_prompt, seed=seed, steps=steps,
-                           sampler=sampler, guidance_scale=DEFAULT_CFG if args.cfg is None else args.cfg)
-    start = _next_index(outdir)
-    for i, img in enumerate(images):
-        path = outdir / f"{start + i:05d}-{seed + i}.png"
-        save_png(path, img)
-        print(path)
-    grid_path = outdir / f"grid-{_next_grid_index(outdir):04d}.png"
-    save_png(grid_path, make_grid(images, rows=2 if args.n == 4 else None))
-    print(grid_path)
+def _recreate(args) -> int:
+    """sample --from IMAGE: follow the recipe in IMAGE's metadata and write what it makes."""
+    from npdiff.imaging import read_image
+    from npdiff.kernels import backend_name, set_backend
+    from npdiff.provenance import read_recipe
+
+    given = [f for f in ("prompt", "seed", "steps", "sampler", "cfg", "negative_prompt", "chaos", "n", "ar")
+             if getattr(args, f) is not None]
+    if given:
+        raise UsageError(f"--from takes every setting from the image's recipe; drop {', '.join(given)} "
+                         "(use remix or vary to change an image)")
+    source = Path(args.from_image)
+    _, chunks = read_image(source)
+    recipe = read_recipe(chunks, str(source))
+    loaded = _load_model(args.model)
+    if loaded.hash != recipe["model_hash"]:
+        raise UsageError(f"{source} was made by the model with hash {recipe['model_hash']}, and the model loaded has "
+                         f"hash {loaded.hash}; pass --model with the folder of the model that made it")
+    if args.backend is None and backend_name() != recipe["backend"]:
+        try:
+            set_backend(recipe["backend"])
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"{source} was made on the {recipe['backend']!r} backend, which is not available "
+                             f"here ({e}); pass --backend to re-make it on another (the pixels may then differ)") from None
+    _check_outdir(Path(args.outdir))
+    if args.trajectory:
+        _check_output_file(Path(args.trajectory), ".gif", "--trajectory")
+    paths = _make_and_write(args, loaded, recipe, only=recipe["index"], trajectory=args.trajectory, quiet_paths=True)
+    same = Path(paths[0]).read_bytes() == source.read_bytes()
+    for p in paths:
+        print(p)
+    print(f"{'identical to' if same else 'NOT identical to'} {source}" + ("" if same else
+          " (a different backend, dtype or npdiff version rounds differently)"), file=sys.stderr)
     return 0
 
 
-def _writable_dir(path: Path) -> None:
+# ----------------------------------------------------------------------------
+# Midjourney's verbs: edits of an existing image
+
+def add_verbs(sub) -> None:
+    p = sub.add_parser("vary", help="variations of an image (img2img from it and its recipe)",
+                       description="Variations of IMAGE: noise it part way and denoise it again with its own "
+                                   "prompt and settings (img2img, SDEdit), 4 new seeds.")
+    p.add_argument("image", help="an image npdiff made (or any image, with --prompt)")
+    p.add_argument("--strength", default="subtle",
+                   help="subtle (0.35), strong (0.7), or a number in (0, 1]: how much noise is added (default subtle)")
+    _add_parent_prompt(p)
+    _add_drawing_args(p, parent=True)
+    p.set_defaults(func=cmd_vary)
+
+    p = sub.add_parser("remix", help="the same seeds and settings with a new prompt",
+                       description="Re-run IMAGE's recipe with a new prompt: same seeds, same settings, so the "
+                                   "composition carries over. For an image that is not a plain sample (an edit, or "
+                                   "an image npdiff did not make), img2img from it at the strong strength.")
+    p.add_argument("image")
+    p.add_argument("prompt", help="the new prompt; inline parameters allowed")
+    _add_drawing_args(p, parent=True)
+    p.set_defaults(func=cmd_remix)
+
+    p = sub.add_parser("inpaint", help="redraw the region a mask marks",
+                       description="Redraw the white part of MASK (black is kept) with PROMPT, by RePaint: DDPM "
+                                   "steps with the kept part re-noised from IMAGE at every step and resampling jumps "
+                                   "so the new part blends in. The mask must be the size of the image.")
+    p.add_argument("image")
+    p.add_argument("--mask", required=True, help="PNG of the image's size: white = redraw, black = keep")
+    p.add_argument("prompt", help="what the redrawn region should show (the whole image's description works best)")
+    _add_drawing_args(p, parent=True)
+    p.set_defaults(func=cmd_edit_canvas, operation="inpaint")
+
+    p = sub.add_parser("zoom-out", help="outpaint: a larger canvas with the image in its middle",
+                       description="Put IMAGE in the middle of a canvas --factor times larger and draw the rest "
+                                   f"(RePaint with the fully convolutional U-Net). {SIZE_HELP}.")
+    p.add_argument("image")
+    p.add_argument("--factor", type=float, default=2.0, help="how much larger each side gets, in (1, 4] (default 2)")
+    _add_parent_prompt(p)
+    _add_drawing_args(p, parent=True)
+    p.set_defaults(func=cmd_edit_canvas, operation="zoom-out")
+
+    p = sub.add_parser("pan", help="outpaint: extend the image on one side",
+                       description=f"Extend IMAGE on one side and draw the new strip (RePaint). {SIZE_HELP}.")
+    p.add_argument("image")
+    p.add_argument("--direction", required=True, help="left, right, up or down")
+    p.add_argument("--amount", type=float, default=0.5,
+                   help="how far to extend, as a fraction of the side, in (0, 1] (default 0.5; rounded to 8 pixels)")
+    _add_parent_prompt(p)
+    _add_drawing_args(p, parent=True)
+    p.set_defaults(func=cmd_edit_canvas, operation="pan")
+
+    p = sub.add_parser("upscale", help="twice the size: Lanczos resampling, then a light img2img pass",
+                       description="Make IMAGE twice as large. Method, plainly: Lanczos resampling to 2x, then "
+                                   "img2img at --strength with the same U-Net at the new size, which redraws the "
+                                   "blurred edges; the model was trained at one size only, so this sharpens but "
+                                   "adds no real detail. --strength 0 is Lanczos alone.")
+    p.add_argument("image")
+    p.add_argument("--strength", type=float, default=None, help="img2img strength after resampling, in [0, 1] "
+                                                                "(default 0.3; 0 = Lanczos only)")
+    _add_parent_prompt(p)
+    _add_drawing_args(p, n_default=1, parent=True)
+    p.set_defaults(func=cmd_upscale)
+
+
+def cmd_vary(args) -> int:
+    from npdiff.recipes import STRENGTHS
+    strength = STRENGTHS.get(args.strength)
+    if strength is None:
+        strength = _float_in(args.strength, "--strength", 0.0, 1.0, "subtle, strong or a number in (0, 1]")
+    return _edit(args, "vary", args.prompt, strength=strength)
+
+
+def cmd_remix(args) -> int:
+    return _edit(args, "remix", args.prompt, remix=True)
+
+
+def cmd_edit_canvas(args) -> int:
+    op = args.operation
+    if op == "inpaint":
+        return _edit(args, op, args.prompt, mask_path=args.mask)
+    if op == "zoom-out":
+        if not 1.0 < args.factor <= 4.0:
+            raise UsageError(f"--factor {args.factor} is out of range; use a number above 1, at most 4")
+        return _edit(args, op, args.prompt, factor=float(args.factor))
+    from npdiff.recipes import PAN_DIRECTIONS
+    if args.direction not in PAN_DIRECTIONS:
+        raise UsageError(f"--direction {args.direction!r} is not one of {', '.join(PAN_DIRECTIONS)}")
+    if not 0.0 < args.amount <= 1.0:
+        raise UsageError(f"--amount {args.amount} is out of range; use a number above 0, at most 1")
+    return _edit(args, op, args.prompt, direction=args.direction, amount=float(args.amount))
+
+
+def cmd_upscale(args) -> int:
+    from npdiff.recipes import DEFAULT_UPSCALE_STRENGTH
+    strength = DEFAULT_UPSCALE_STRENGTH if args.strength is None else args.strength
+    if not 0.0 <= strength <= 1.0:
+        raise UsageError(f"--strength {strength} is out of range; use 0 (Lanczos only) to 1")
+    return _edit(args, "upscale", args.prompt, strength=float(strength), n_default=1)
+
+
+def _edit(args, operation: str, prompt_text: str | None, *, remix: bool = False, mask_path: str | None = None,
+          n_default: int = 4, **settings) -> int:
+    """Every edit: read the parent, take its settings unless overridden, build the recipe, draw, write."""
+    from npdiff.provenance import parent_record
+    from npdiff.recipes import STRENGTHS, check_size, new_recipe, output_size
+
+    loaded = _load_model(args.model)
+    res = loaded.model.config.resolution
+    pixels, parent_recipe, parent_path = _read_parent(args.image, res)
+    prompt, s = _settings(args, prompt_text or "", inherit=parent_recipe, n_default=n_default)
+    if prompt_text is None:
+        if parent_recipe is None and not (operation == "upscale" and settings.get("strength") == 0):
+            raise UsageError(f"{parent_path} has no npdiff recipe, so {operation} needs --prompt to say what it shows")
+        prompt = parent_recipe["prompt"] if parent_recipe else ""
+    if mask_path is not None:
+        settings["mask"] = _read_mask(mask_path, parent_path, pixels)
+    if operation == "inpaint":
+        s["sampler"] = "ddpm"                    # RePaint walks DDPM ancestral steps whatever the sampler
+    if operation in ("zoom-out", "pan"):
+        s["sampler"] = "ddpm"
+    if remix:
+        if parent_recipe is not None and parent_recipe["operation"] == "sample":
+            if args.seed is None:                # the parent's own seed: image 0 starts from its noise
+                s["seed"] = parent_recipe["seed"] + (parent_recipe["index"] or 0)
+            settings["strength"] = None
+        else:
+            settings["strength"] = STRENGTHS["strong"]
+    width, height = output_size(operation, pixels, settings)
+    if remix and settings["strength"] is None:
+        width, height = parent_recipe["width"], parent_recipe["height"]
+    check_size(width, height, res, f"the {operation} of {parent_path}")
+    _check_outdir(Path(args.outdir))
+    parent = parent_record(pixels, parent_path, parent_recipe)
+    recipe = new_recipe(operation, prompt=prompt, width=width, height=height, parent=parent,
+                        **_common(s, loaded), **settings)
+    return _make_and_write(args, loaded, recipe)
+
+
+# ----------------------------------------------------------------------------
+# pieces of the drawing commands
+
+class _Loaded:
+    def __init__(self, model, hash_, name):
+        self.model, self.hash, self.name = model, hash_, name
+
+
+def _load_model(arg) -> _Loaded:
+    from npdiff.checkpoint import MODEL_FILE
+    from npdiff.model import DEFAULT_MODEL_DIR, Model
+    from npdiff.provenance import model_hash
+    model_dir = Path(arg) if arg else DEFAULT_MODEL_DIR
+    if arg is None and not (model_dir / MODEL_FILE).is_file():
+        raise UsageError("no default model is installed in this copy of npdiff; train one with "
+                         "`python -m npdiff train` and pass --model runs/shapes/model")
+    model = Model.load(model_dir)
+    name = "npdiff-default" if arg is None else model_dir.resolve().name
+    return _Loaded(model, model_hash(model_dir / MODEL_FILE), name)
+
+
+def _settings(args, prompt_text: str, *, inherit: dict | None = None, n_default: int = 4, extra=()) -> tuple[str, dict]:
+    """The prompt without its inline parameters, and every setting: a flag, else the same parameter
+    inline, else the parent's recipe, else the default. A flag and an inline value that disagree are an error."""
+    import math
+
+    from npdiff.pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from npdiff.samplers import SAMPLERS
+    from npdiff.text.prompt import parse_prompt
+
+    prompt, inline = parse_prompt(prompt_text)
+    if "ar" in inline and "ar" not in extra:
+        raise UsageError("--ar is for sample only; an edit keeps its image's shape (use pan or zoom-out to change it)")
+    s = {}
+    for key in ("seed", "steps", "sampler", "cfg", "chaos", "n", "ar"):
+        flag = getattr(args, key, None)
+        if flag is not None and key in inline and _norm(key, flag) != inline[key]:
+            raise UsageError(f"--{key} is given twice, as a flag ({flag}) and in the prompt ({inline[key]}); keep one")
+        s[key] = flag if flag is not None else inline.get(key)
+    negatives = [v for v in (getattr(args, "negative_prompt", None), inline.get("negative_prompt")) if v]
+    s["negative_prompt"] = ", ".join(negatives) if negatives else None
+    defaults = {"steps": DEFAULT_STEPS, "sampler": DEFAULT_SAMPLER, "cfg": DEFAULT_CFG, "chaos": 0, "n": n_default,
+                "negative_prompt": ""}
+    for key, default in defaults.items():
+        if s[key] is None:
+            s[key] = inherit[key] if inherit is not None and key in ("steps", "sampler", "cfg", "negative_prompt") \
+                else default
+    if s["sampler"] not in SAMPLERS:
+        raise UsageError(f"unknown sampler {s['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= s["steps"] <= 1000:
+        raise UsageError(f"--steps {s['steps']} is out of range; use 1 to 1000")
+    if not 1 <= s["n"] <= 64:
+        raise UsageError(f"-n {s['n']} is out of range; use 1 to 64")
+    if not 0 <= s["chaos"] <= 100:
+        raise UsageError(f"--chaos {s['chaos']} is out of range; use 0 to 100")
+    if not (math.isfinite(s["cfg"]) and 0.0 <= s["cfg"] <= 30.0):
+        raise UsageError(f"--cfg {s['cfg']} is out of range; use 0 to 30 (1 turns guidance off)")
+    if s["seed"] is None:
+        import numpy as np
+        s["seed"] = int(np.random.default_rng().integers(0, 2**31 - 1))
+    if not 0 <= s["seed"] < 2**63 - 64:
+        raise UsageError(f"--seed {s['seed']} is out of range; use 0 to 2^63 - 65")
+    return prompt, s
+
+
+def _norm(key, flag):
+    """A flag's value in the form parse_prompt gives the same parameter."""
+    if key == "ar":
+        from npdiff.text.prompt import _ratio
+        return _ratio("ar", flag)
+    return flag
+
+
+def _common(s: dict, loaded: _Loaded) -> dict:
+    from npdiff.kernels import backend_name
+    return dict(negative_prompt=s["negative_prompt"], seed=s["seed"], n=s["n"], steps=s["steps"],
+                sampler=s["sampler"], cfg=s["cfg"], chaos=s["chaos"], model_hash=loaded.hash,
+                model_name=loaded.name, backend=backend_name())
+
+
+def _float_in(text: str, flag: str, lo: float, hi: float, expected: str) -> float:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output folder {path} ({e.strerror}); choose another --outdir") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"output folder {path} is not writable; choose another --outdir")
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not lo < value <= hi:
+        raise UsageError(f"{flag} {text!r} is not {expected}")
+    return value
 
 
-def _next_index(outdir: Path) -> int:
-    nums = [int(p.name[:5]) for p in outdir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
-    return max(nums, default=-1) + 1
+def _read_parent(path: str, resolution: int):
+    """-> (pixels (H, W, 3) uint8 at a size the model runs at, the image's recipe or None, its path)."""
+    from npdiff.imaging import read_image
+    from npdiff.provenance import RECIPE_KEY, read_recipe
+    from npdiff.recipes import fit_image
+    pixels, chunks = read_image(path)
+    recipe = read_recipe(chunks, path) if RECIPE_KEY in chunks else None
+    return fit_image(pixels, resolution), recipe, Path(path)
 
 
-def _next_grid_index(outdir: Path) -> int:
-    nums = [int(p.stem[5:]) for p in outdir.glob("grid-[0-9][0-9][0-9][0-9].png")]
-    return max(nums, default=-1) + 1
+def _read_mask(mask_path: str, image_path: Path, pixels) -> str:
+    """The mask as recipe text, checked: the image's size, something to redraw."""
+    import numpy as np
+
+    from npdiff.imaging import read_image
+    from npdiff.provenance import pixels_to_text
+    from npdiff.recipes import resize
+    mask, _ = read_image(mask_path)
+    original, _ = read_image(image_path)
+    if mask.shape[:2] != original.shape[:2]:
+        raise UsageError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but {image_path} is "
+                         f"{original.shape[1]}x{original.shape[0]}; draw the mask at the image's size "
+                         "(white = redraw, black = keep)")
+    gray = mask.mean(axis=2)
+    if gray.shape != pixels.shape[:2]:                       # the image was fitted to the model: fit the mask too
+        gray = resize(gray.astype(np.uint8), pixels.shape[1], pixels.shape[0]).astype(np.float64)
+    redraw = np.where(gray >= 128, 255, 0).astype(np.uint8)
+    if not redraw.any():
+        raise UsageError(f"mask {mask_path} has no white pixels, so there is nothing to redraw; paint the region "
+                         "to redraw white")
+    return pixels_to_text(redraw)
+
+
+def _check_outdir(path: Path) -> None:
+    """Fail before any work if `path` cannot become a writable folder (it is created only when writing)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write to {path}: {probe} is not a folder; choose another --outdir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {probe} is not writable; choose another --outdir")
+
+
+def _check_output_file(path: Path, suffix: str, flag: str) -> None:
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path} must end in {suffix}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
+    _check_outdir(path.parent)
+
+
+def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajectory: str | None = None,
+                    quiet_paths: bool = False):
+    """Run the recipe and write its images (only="all": every image and, for n > 1, the grid; an int:
+    that image; None: the grid), then print each path and return 0 (quiet_paths: return the paths)."""
+    import numpy as np
+
+    from npdiff.imaging import make_grid, png_bytes, to_uint8
+    from npdiff.pipeline import Pipeline
+    from npdiff.provenance import for_image, png_text
+    from npdiff.recipes import run_recipe
+
+    frames = []
+
+    def keep_frame(i, x_t, x0_pred):               # (N, C, H, W) each -> one frame: x_t grid | x0 grid
+        rows = 2 if len(x_t) == 4 else None
+        left, right = make_grid(to_uint8(x_t), rows=rows), make_grid(to_uint8(x0_pred), rows=rows)
+        frames.append(np.concatenate([left, np.full((left.shape[0], 2, 3), 255, np.uint8), right], axis=1))
+
+    images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet,
+                        callback=keep_frame if trajectory else None, source=getattr(args, "from_image", None) or "the recipe")
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = 2 if recipe["n"] == 4 else None
+    paths = []
+    indices = range(recipe["n"]) if only == "all" else ([] if only is None else [only])
+    for i in indices:
+        data = png_bytes(images[i], png_text(for_image(recipe, i)))
+        paths.append(_write_new(outdir, lambda k, i=i: f"{k:05d}-{recipe['seed'] + i}.png",
+                                "[0-9][0-9][0-9][0-9][0-9]-*.png", 5, data))
+    if (only == "all" and recipe["n"] > 1) or only is None:
+        data = png_bytes(make_grid(images, rows=rows), png_text(for_image(recipe, None)))
+        paths.append(_write_new(outdir, lambda k: f"grid-{k:04d}.png", "grid-[0-9][0-9][0-9][0-9].png", 4, data,
+                                prefix="grid-"))
+    if trajectory:
+        from npdiff.imaging import save_gif
+        scale = max(1, 256 // max(frames[0].shape[:2]))
+        big = [f.repeat(scale, axis=0).repeat(scale, axis=1) for f in frames]
+        save_gif(trajectory, big + [big[-1]] * 5, duration_ms=120)   # hold the last frame a moment
+        paths.append(trajectory)
+    if quiet_paths:
+        return paths
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _write_new(outdir: Path, name_for, pattern: str, digits: int, data: bytes, prefix: str = "") -> str:
+    """Write `data` under the next free number in `outdir`, never replacing an existing file: the name is
+    claimed with O_EXCL, then the complete file is renamed over the claim."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=".npdiff-", suffix=".tmp", dir=outdir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; an image is as readable as any new file
+        while True:
+            taken = [int(p.name[len(prefix):len(prefix) + digits]) for p in outdir.glob(pattern)]
+            path = outdir / name_for(max(taken, default=-1) + 1)
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.replace(tmp, path)
+            return str(path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------
+# explain
+
+def add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="teaching views: noising, schedules, a denoising trajectory",
+                       description="Write three PNGs to --outdir: noising.png (an image noised at the chosen t by "
+                                   "each beta schedule), schedules.png (alpha-bar and log SNR against t for each "
+                                   "schedule) and trajectory.png (x_t and the predicted x_0 along a sampler's walk; "
+                                   "needs a model). t is the paper's t, 1..T; t = 0 is the clean image.")
+    p.add_argument("--prompt", default="a red circle on a blue background",
+                   help="drawn by the shapes dataset for noising.png (unless --image) and by the model for the trajectory")
+    p.add_argument("--image", default=None, help="an image to noise instead of the shapes drawing")
+    p.add_argument("--t", default="0,50,100,250,500,750,1000", help="comma-separated t values for noising.png")
+    p.add_argument("--model", default=None, help="model folder for the trajectory (default: the shipped model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="dpmpp-2m")
+    p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=3.0)
+    p.add_argument("--outdir", default="explain", help="output folder (default ./explain); files are replaced")
+    p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference, cuda")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args) -> int:
+    import numpy as np
+
+    from npdiff import explain
+    from npdiff.imaging import read_image, save_png
+    from npdiff.model import DEFAULT_MODEL_DIR
+    from npdiff.samplers import SAMPLERS
+
+    times = _int_list(args.t, "--t", "0,100,500,1000")
+    if any(not 0 <= t <= 1000 for t in times):
+        raise UsageError(f"--t {args.t} must hold values from 0 (clean) to 1000 (T)")
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= args.steps <= 1000:
+        raise UsageError(f"--steps {args.steps} is out of range; use 1 to 1000")
+    have_model = args.model is not None or (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
+    loaded = _load_model(args.model) if have_model else None
+    resolution = loaded.model.config.resolution if loaded else 32
+    if args.image:
+        from npdiff.recipes import fit_image
+        image = fit_image(read_image(args.image)[0], resolution)
+    else:
+        from npdiff.data.shapes import render_prompt
+        try:
+            image, _ = render_prompt(args.prompt, np.random.default_rng(args.seed), resolution)
+        except ValueError as e:
+            raise UsageError(f"the shapes dataset cannot draw {args.prompt!r} ({e}); pass --image") from None
+    outdir = Path(args.outdir)
+    _check_outdir(outdir)
+    views = {"noising.png": explain.noising_view(image, times, seed=args.seed),
+             "schedules.png": explain.schedule_curves()}
+    if loaded is not None:
+        from npdiff.pipeline import Pipeline
+        frames = explain.record_trajectory(Pipeline(loaded.model), args.prompt, seed=args.seed, steps=args.steps,
+                                           sampler=args.sampler, guidance_scale=args.cfg)
+        views["trajectory.png"] = explain.trajectory_strip(frames)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name, img in views.items():
+        save_png(outdir / name, img)
+        print(outdir / name)
+    if loaded is None:
+        print("no model installed: trajectory.png needs one (pass --model)", file=sys.stderr)
+    return 0
 
 
 # ----------------------------------------------------------------------------
@@ -193,16 +659,23 @@ def _int_list(text: str, flag: str, example: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npdiff", description="Text-to-image diffusion in NumPy and Numba.")
+    parser = _Parser(prog="npdiff", description="Text-to-image diffusion in NumPy and Numba.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_sample(sub)
+    add_verbs(sub)
+    add_explain(sub)
     add_train(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:      # a malformed command line, already reported in one line by _Parser.error
+        if e.code == 2:
+            return 2
+        raise
     if args.command is None:
         parser.print_help()
         return 2
@@ -212,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             from npdiff.kernels import set_backend
             try:
                 set_backend(args.backend)
-            except ValueError as e:
+            except (ValueError, RuntimeError) as e:
                 raise UsageError(str(e)) from None
         return args.func(args)
     except errors as e:

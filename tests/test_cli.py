@@ -1,0 +1,335 @@
+"""The command line as users meet it: sample and the edit verbs write what they say, record how,
+re-create it byte for byte, and meet every bad input with one line and exit code 2."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npdiff.cli import main
+from npdiff.imaging import read_image, save_png
+from npdiff.provenance import lineage, parent_pixels, pixels_hash, read_recipe
+from tiny_model import save_tiny_model, tiny_model
+
+FAST = ["--steps", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 16x16 tiny random model (fast)."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.split(), err
+
+
+def sample(capsys, model_dir, outdir, prompt="a red circle", *extra):
+    code, paths, err = run(capsys, "sample", prompt, "--model", model_dir, "--outdir", outdir, *FAST, *extra)
+    assert code == 0, err
+    return paths
+
+
+def recipe_of(path):
+    return read_recipe(read_image(path)[1], str(path))
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("npdiff: error: "), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# ----------------------------------------------------------------------------
+# sample
+
+def test_sample_writes_four_images_and_a_grid_and_never_overwrites(capsys, model_dir, tmp_path):
+    out = tmp_path / "outputs"
+    first = sample(capsys, model_dir, out, "a red circle", "--seed", "10")
+    assert [p.split("/")[-1] for p in first] == ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png",
+                                                 "grid-0000.png"]
+    before = {p: open(p, "rb").read() for p in first}
+    second = sample(capsys, model_dir, out, "a blue square", "--seed", "10")
+    assert [p.split("/")[-1] for p in second] == ["00004-10.png", "00005-11.png", "00006-12.png", "00007-13.png",
+                                                  "grid-0001.png"]
+    assert all(open(p, "rb").read() == b for p, b in before.items())     # the first run's files are untouched
+    grid, _ = read_image(first[-1])
+    singles = [read_image(p)[0] for p in first[:4]]
+    assert grid.shape == (32, 32, 3)
+    assert np.array_equal(grid[:16, 16:], singles[1]) and np.array_equal(grid[16:, :16], singles[2])
+
+
+def test_inline_parameters_are_the_flags(capsys, model_dir, tmp_path):
+    a = sample(capsys, model_dir, tmp_path / "a", "a red circle --seed 3 --cfg 2 --no blue, green --n 2")
+    b = sample(capsys, model_dir, tmp_path / "b", "a red circle", "--seed", "3", "--cfg", "2",
+               "--negative-prompt", "blue, green", "-n", "2")
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    r = recipe_of(a[0])
+    assert (r["prompt"], r["negative_prompt"], r["seed"], r["cfg"], r["n"]) == ("a red circle", "blue, green", 3, 2.0, 2)
+
+
+def test_same_seed_same_bytes_other_seed_other_pixels(capsys, model_dir, tmp_path):
+    a = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "5", "-n", "2")
+    b = sample(capsys, model_dir, tmp_path / "b", "a red circle", "--seed", "5", "-n", "2")
+    c = sample(capsys, model_dir, tmp_path / "c", "a red circle", "--seed", "6", "-n", "2")
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    assert not np.array_equal(read_image(a[0])[0], read_image(c[0])[0])
+    # image i is seeded by seed + i: seed 6's first image starts from seed 5's second image's noise
+    assert recipe_of(c[0])["seed"] + 0 == recipe_of(a[1])["seed"] + 1
+
+
+def test_from_recreates_images_and_grids_byte_for_byte(capsys, model_dir, tmp_path):
+    made = sample(capsys, model_dir, tmp_path / "a", "a green triangle --chaos 60 --sampler euler-a", "--seed", "21")
+    for source in (made[2], made[-1]):
+        code, paths, err = run(capsys, "sample", "--from", source, "--model", model_dir, "--outdir", tmp_path / "re",
+                               "--quiet")
+        assert code == 0, err
+        assert open(paths[0], "rb").read() == open(source, "rb").read()
+        assert "identical to" in err
+
+
+def test_chaos_spreads_the_guidance_scales(capsys, model_dir, tmp_path):
+    paths = sample(capsys, model_dir, tmp_path, "a red circle", "--seed", "1", "--cfg", "5", "--chaos", "100")
+    scales = [re.search(r"CFG scale: ([\d.]+)", read_image(p)[1]["parameters"]).group(1) for p in paths[:4]]
+    assert [float(s) for s in scales] == pytest.approx([5.0, 5 - 4 / 3, 5 - 8 / 3, 1.0], abs=1e-5)
+
+
+def test_aspect_ratio_sets_the_size(capsys, tmp_path):
+    folder = tmp_path / "m32"
+    tiny_model(resolution=32).save(folder)
+    code, paths, err = run(capsys, "sample", "a red circle --ar 2:1", "--model", folder, "--outdir", tmp_path / "o",
+                           "-n", "1", "--steps", "1", "--quiet")
+    assert code == 0, err
+    img, text = read_image(paths[0])
+    assert img.shape == (24, 48, 3) and "Size: 48x24" in text["parameters"]
+
+
+def test_trajectory_gif_has_a_frame_per_step(capsys, model_dir, tmp_path):
+    gif = tmp_path / "t.gif"
+    paths = sample(capsys, model_dir, tmp_path / "o", "a red circle", "--seed", "1", "--steps", "3",
+                   "--trajectory", gif)
+    assert paths[-1] == str(gif)
+    with Image.open(gif) as im:
+        assert im.n_frames >= 3 and im.size[0] > 2 * im.size[1]   # x_t grid | x0 grid, side by side
+
+
+# ----------------------------------------------------------------------------
+# the verbs
+
+def test_vary_records_its_parent_and_recreates(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    code, kids, err = run(capsys, "vary", parent, "--strength", "strong", "--model", model_dir,
+                          "--outdir", tmp_path / "v", "--seed", "9", *FAST)
+    assert code == 0, err
+    assert len(kids) == 5
+    r = recipe_of(kids[1])
+    assert (r["operation"], r["strength"], r["prompt"], r["seed"], r["index"]) == ("vary", 0.7, "a red circle", 9, 1)
+    assert r["parent"]["file"] == "00000-2.png"
+    assert r["parent"]["sha256"] == pixels_hash(read_image(parent)[0])
+    assert np.array_equal(parent_pixels(r, "kid"), read_image(parent)[0])
+    assert lineage(r) == ["sample", "vary"]
+    code, again, err = run(capsys, "sample", "--from", kids[1], "--model", model_dir, "--outdir", tmp_path / "re",
+                           "--quiet")
+    assert code == 0 and open(again[0], "rb").read() == open(kids[1], "rb").read()
+
+
+def test_remix_keeps_seed_and_settings(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "4", "-n", "1", "--cfg", "2.5")[0]
+    same = run(capsys, "remix", parent, "a red circle", "--model", model_dir, "--outdir", tmp_path / "b", "-n", "1",
+               "--quiet")[1]
+    other = run(capsys, "remix", parent, "a yellow square", "--model", model_dir, "--outdir", tmp_path / "c",
+                "-n", "1", "--quiet")[1]
+    r = recipe_of(other[0])
+    assert (r["operation"], r["seed"], r["cfg"], r["steps"], r["strength"]) == ("remix", 4, 2.5, 2, None)
+    assert np.array_equal(read_image(same[0])[0], read_image(parent)[0])        # same prompt: the same image
+    assert not np.array_equal(read_image(other[0])[0], read_image(parent)[0])
+
+
+def test_inpaint_keeps_the_black_part_exactly(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[4:12, 4:12] = 255
+    save_png(tmp_path / "mask.png", mask)
+    code, kids, err = run(capsys, "inpaint", parent, "--mask", tmp_path / "mask.png", "a blue circle",
+                          "--model", model_dir, "--outdir", tmp_path / "i", "-n", "2", *FAST)
+    assert code == 0, err
+    src, out = read_image(parent)[0], read_image(kids[0])[0]
+    keep = mask[..., 0] == 0
+    assert np.array_equal(out[keep], src[keep]) and not np.array_equal(out[~keep], src[~keep])
+    r = recipe_of(kids[0])
+    assert (r["operation"], r["prompt"], r["sampler"]) == ("inpaint", "a blue circle", "ddpm")
+    again = run(capsys, "sample", "--from", kids[0], "--model", model_dir, "--outdir", tmp_path / "re", "--quiet")[1]
+    assert open(again[0], "rb").read() == open(kids[0], "rb").read()
+
+
+def test_zoom_out_and_pan_grow_the_canvas_around_the_parent(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    src = read_image(parent)[0]
+    code, kids, err = run(capsys, "zoom-out", parent, "--model", model_dir, "--outdir", tmp_path / "z", "-n", "1", *FAST)
+    assert code == 0, err
+    out = read_image(kids[0])[0]
+    assert out.shape == (32, 32, 3) and np.array_equal(out[8:24, 8:24], src)
+    assert recipe_of(kids[0])["factor"] == 2.0
+    code, kids, err = run(capsys, "pan", parent, "--direction", "left", "--model", model_dir,
+                          "--outdir", tmp_path / "p", "-n", "1", *FAST)
+    assert code == 0, err
+    out = read_image(kids[0])[0]
+    assert out.shape == (16, 24, 3) and np.array_equal(out[:, 8:], src)
+    assert lineage(recipe_of(kids[0])) == ["sample", "pan"]
+
+
+def test_upscale_is_lanczos_then_img2img(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    src = read_image(parent)[0]
+    code, kids, err = run(capsys, "upscale", parent, "--strength", "0", "--model", model_dir,
+                          "--outdir", tmp_path / "u0", "--quiet")
+    assert code == 0, err
+    lanczos = np.asarray(Image.fromarray(src).resize((32, 32), Image.LANCZOS))
+    assert len(kids) == 1 and np.array_equal(read_image(kids[0])[0], lanczos)
+    code, kids, err = run(capsys, "upscale", parent, "--model", model_dir, "--outdir", tmp_path / "u1", *FAST)
+    assert code == 0, err
+    out = read_image(kids[0])[0]
+    assert out.shape == (32, 32, 3) and not np.array_equal(out, lanczos)
+    assert recipe_of(kids[0])["strength"] == 0.3
+
+
+def test_an_image_from_elsewhere_is_fitted_and_kept_in_the_recipe(capsys, model_dir, tmp_path):
+    photo = np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    code, _, err = run(capsys, "vary", tmp_path / "photo.png", "--model", model_dir, "--outdir", tmp_path / "x", *FAST)
+    assert_one_line_error(code, err, "needs --prompt")
+    code, kids, err = run(capsys, "vary", tmp_path / "photo.png", "--prompt", "a red circle", "--model", model_dir,
+                          "--outdir", tmp_path / "v", "-n", "1", *FAST)
+    assert code == 0, err
+    r = recipe_of(kids[0])
+    assert (r["width"], r["height"]) == (16, 16) and "recipe" not in r["parent"]
+    again = run(capsys, "sample", "--from", kids[0], "--model", model_dir, "--outdir", tmp_path / "re", "--quiet")[1]
+    assert open(again[0], "rb").read() == open(kids[0], "rb").read()
+
+
+# ----------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing written
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["a red circle --sampler plms"], "unknown sampler 'plms'"),
+    (["a red circle", "--sampler", "plms"], "unknown sampler 'plms'"),
+    (["a red circle --ar 100:1"], "--ar 100:1"),
+    (["a red circle", "--steps", "0"], "--steps 0 is out of range"),
+    (["a red circle --steps 0"], "--steps 0 is out of range"),
+    (["a red circle --stylize 100"], "unknown inline parameter --stylize"),
+    (["a red circle --seed 3", "--seed", "4"], "--seed is given twice"),
+    (["a red circle", "--chaos", "101"], "--chaos 101"),
+    (["a red circle", "-n", "0"], "-n 0"),
+    (["a red circle", "--cfg", "nan"], "--cfg nan"),
+    (["a red circle", "--backend", "tpu"], "unknown kernel backend 'tpu'"),
+    (["a red circle", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+])
+def test_bad_sample_arguments(capsys, model_dir, tmp_path, argv, fragment):
+    code, _, err = run(capsys, "sample", *argv, "--model", model_dir, "--outdir", tmp_path / "o", "--quiet")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(capsys, model_dir, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path / "file" / "o",
+                       *FAST)
+    assert_one_line_error(code, err, "is not a folder")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_missing_and_corrupt_images(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "vary", tmp_path / "nope.png", "--model", model_dir, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "nope.png does not exist")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    for verb in (["vary"], ["upscale"], ["pan", "--direction", "up"]):
+        code, _, err = run(capsys, *verb, tmp_path / "bad.png", "--model", model_dir, "--outdir", tmp_path / "o", *FAST)
+        assert_one_line_error(code, err, "bad.png is not a readable image")
+    code, _, err = run(capsys, "sample", "--from", tmp_path / "bad.png", "--model", model_dir,
+                       "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "not a readable image")
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_without_or_with_a_damaged_recipe(capsys, model_dir, tmp_path):
+    save_png(tmp_path / "plain.png", np.zeros((16, 16, 3), np.uint8))
+    code, _, err = run(capsys, "sample", "--from", tmp_path / "plain.png", "--model", model_dir,
+                       "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "has no npdiff recipe")
+    save_png(tmp_path / "damaged.png", np.zeros((16, 16, 3), np.uint8), {"npdiff": '{"format": "npdiff-recipe/1"'})
+    code, _, err = run(capsys, "remix", tmp_path / "damaged.png", "a red circle", "--model", model_dir,
+                       "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "damaged npdiff recipe")
+    assert not (tmp_path / "o").exists()
+
+
+def test_mask_of_the_wrong_size_or_empty(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    save_png(tmp_path / "big.png", np.full((20, 16, 3), 255, np.uint8))
+    code, _, err = run(capsys, "inpaint", parent, "--mask", tmp_path / "big.png", "a blue circle",
+                       "--model", model_dir, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "is 16x20 but", "is 16x16")
+    save_png(tmp_path / "black.png", np.zeros((16, 16, 3), np.uint8))
+    code, _, err = run(capsys, "inpaint", parent, "--mask", tmp_path / "black.png", "a blue circle",
+                       "--model", model_dir, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "no white pixels")
+    code, _, err = run(capsys, "inpaint", parent, "--mask", tmp_path / "none.png", "a blue circle",
+                       "--model", model_dir, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "none.png does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_outpainting_beyond_the_size_limit(capsys, model_dir, tmp_path):
+    parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    code, _, err = run(capsys, "zoom-out", parent, "--factor", "3", "--model", model_dir, "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "48x48", "at most 1024 pixels")
+    code, _, err = run(capsys, "pan", parent, "--direction", "sideways", "--model", model_dir,
+                       "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "--direction 'sideways'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_and_mismatched_weights(capsys, model_dir, tmp_path):
+    import shutil
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    code, _, err = run(capsys, "sample", "a red circle", "--model", corrupt, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "is not a readable safetensors file")
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(model_dir, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["unet"]["base_channels"] = 12
+    (mismatched / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "sample", "a red circle", "--model", mismatched, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, "does not match its config")
+
+    code, _, err = run(capsys, "sample", "a red circle", "--model", tmp_path / "absent", "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_from_with_another_model_is_refused(capsys, model_dir, tmp_path):
+    made = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    code, _, err = run(capsys, "sample", "--from", made, "--model", other, "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "was made by the model with hash")
+    code, _, err = run(capsys, "sample", "--from", made, "--seed", "3", "--model", model_dir,
+                       "--outdir", tmp_path / "o")
+    assert_one_line_error(code, err, "drop seed")
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_states_the_size_bounds_and_chaos(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "multiples of 8 from 16 to 128" in text and "4x the model's training pixel count" in text
+    assert "the first image keeps --cfg" in text
