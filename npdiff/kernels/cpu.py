@@ -1,0 +1,679 @@
+"""Numba CPU kernels: the same functions as `reference.py`, compiled, parallel, and fused.
+
+Design (see DESIGN.md, "Kernel backends" and "Measured anchors"):
+
+- Matrix products stay in BLAS. Numba cannot beat OpenBLAS at sgemm, so every kernel that
+  multiplies matrices calls `np.dot` on contiguous blocks from inside the compiled code. What
+  Numba wins is everything around the products: im2col, col2im, layout changes, bias, softmax,
+  normalization and activations become single passes over memory, and a block of work (a few
+  images of a convolution, one attention head) runs from unfold to fold on one thread while its
+  buffers are still in cache.
+- One thread pool does the work. Parallel loops run over blocks (`prange` over threads, images or
+  heads); each iteration calls a single-threaded BLAS on its block and writes a disjoint part of
+  the output. Gradients that sum over blocks (conv and linear weights) go to one partial per
+  thread, added after the loop. The BLAS Numba calls (SciPy's OpenBLAS, a separate library from
+  NumPy's) is set to one thread when this module loads: two nested pools on two cores ran 2-10x
+  slower than one. NumPy's own BLAS is left alone.
+- Two signatures per kernel, float32 and float64; anything else goes to the reference kernels.
+  Optional arguments (a missing bias or mask) become dummy arrays so that no kernel is compiled
+  twice for None. All kernels use `cache=True`: compiled once per install, reloaded in well
+  under a second afterwards.
+
+Dimension legend:
+  N batch, C input channels, K output channels, H W input height and width,
+  P Q output height and width, R S kernel height and width, G groups,
+  B rows of a linear map, I J its input and output features, L query length, M key length,
+  E heads, Dh head width, T worker threads.
+"""
+
+import ctypes
+import glob
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from npdiff.kernels import reference as _ref
+from npdiff.kernels.reference import conv2d_output_size  # noqa: F401  (same helper in every backend)
+
+# columns of one im2col block: big enough for an efficient GEMM, small enough to stay in cache
+CONV_BLOCK_COLUMNS = 1024
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# reassociation lets LLVM vectorize sums, contraction fuses multiply-adds; infinities and NaNs keep
+# their IEEE meaning (no "nnan"/"ninf"), which the masked softmax and the exp limits rely on
+_FASTMATH = {"reassoc", "contract"}
+
+
+def _single_threaded_inner_blas():
+    """Set the BLAS that Numba's np.dot calls (SciPy's bundled OpenBLAS) to one thread: our
+    parallel loops already occupy every core. Returns True when it could be done."""
+    try:
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
+    except ImportError:
+        return False
+    libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*.so*"))):
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn(1)
+                return True
+    return False
+
+
+INNER_BLAS_SINGLE_THREADED = _single_threaded_inner_blas()
+
+
+# ----------------------------------------------------------------------------------------------
+# exp for float32 that LLVM can vectorize (Numba's scalar libm call cannot be); float64 keeps
+# math.exp. Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then exp(r) by its Taylor series to
+# r^7 (truncation error r^8/8! < 2e-8 relative) and 2^k from a table: about 1e-7 relative error,
+# as good as NumPy's float32 exp. Below ln(FLT_MIN) the result is 0, above ln(FLT_MAX) it is inf.
+
+_POW2 = np.array([0.0] + [2.0 ** k for k in range(-126, 128)] + [np.inf], dtype=np.float32)  # 2^k at k + 127
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split so that k * _LN2_HI is exact for |k| < 2^15
+_LN2_LO = np.float32(-2.1219444005469057e-4)
+_EXP_XMIN = np.float32(-87.33654)  # ln(FLT_MIN)
+_EXP_XMAX = np.float32(88.72283)  # ln(FLT_MAX)
+_E2, _E3, _E4, _E5, _E6, _E7 = (np.float32(1.0 / math.factorial(i)) for i in range(2, 8))
+_ONE32 = np.float32(1.0)
+_HALF32 = np.float32(0.5)
+_ZERO32 = np.float32(0.0)
+_NEG_INF32 = np.float32(-np.inf)
+
+
+def fast_exp(v):
+    """exp(v); compiled code gets the vectorizable float32 version below."""
+    return math.exp(v)
+
+
+@overload(fast_exp, inline="always")
+def _fast_exp_overload(v):
+    if isinstance(v, types.Float) and v.bitwidth == 32:
+        def exp32(v):
+            x = min(max(v, _EXP_XMIN), _EXP_XMAX)
+            kf = np.floor(x * _LOG2E + _HALF32)
+            r = (x - kf * _LN2_HI) - kf * _LN2_LO
+            p = _E7 * r + _E6
+            p = p * r + _E5
+            p = p * r + _E4
+            p = p * r + _E3
+            p = p * r + _E2
+            p = p * r + _ONE32
+            p = p * r + _ONE32
+            e = p * _POW2[np.int32(kf) + 127]
+            return e if v >= _EXP_XMIN else _ZERO32
+        return exp32
+    return lambda v: math.exp(v)
+
+
+def _threads():
+    return numba.get_num_threads()
+
+
+def _fast(*arrays):
+    """True when every array is float32 or every array is float64 (the compiled signatures)."""
+    dt = arrays[0].dtype
+    return dt in _FLOATS and all(a.dtype == dt for a in arrays[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# convolution: block-wise im2col + one GEMM per block, all inside one parallel loop
+#
+# A block is a run of output rows (n, p) flattened over the batch: rows row0..row1 give the
+# column matrix cols (C*R*S, (row1-row0)*Q) in (c, r, s) order, which is exactly the order of
+# weight.reshape(K, C*R*S), so no weight is permuted. Forward: Yb = Wmat @ cols, then bias and the
+# scatter into NCHW in one pass. Backward blocks hold whole images, so the col2im scatter of a
+# block never touches another block's pixels.
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _im2col_rows(x, row0, row1, R, S, stride, padding, P, Q, cols):
+    """cols[(c*R + r)*S + s, (row - row0)*Q + q] = xpad[n, c, p*stride + r, q*stride + s],
+    row = n*P + p; zero outside the image."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(C):
+        for r in range(R):
+            for s in range(S):
+                i = (c * R + r) * S + s
+                # output columns q whose input column q*stride + s - padding lies in [0, W)
+                q0 = 0 if s >= padding else (padding - s + stride - 1) // stride
+                q1 = min(Q, (W - 1 + padding - s) // stride + 1) if W - 1 + padding - s >= 0 else 0
+                q1 = max(q1, q0)
+                for row in range(row0, row1):
+                    n, p = row // P, row % P
+                    h = p * stride + r - padding
+                    o = (row - row0) * Q
+                    if h < 0 or h >= H:
+                        for q in range(Q):
+                            cols[i, o + q] = 0.0
+                        continue
+                    for q in range(q0):
+                        cols[i, o + q] = 0.0
+                    w0 = q0 * stride + s - padding
+                    for q in range(q0, q1):
+                        cols[i, o + q] = x[n, c, h, w0 + (q - q0) * stride]
+                    for q in range(q1, Q):
+                        cols[i, o + q] = 0.0
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _col2im_rows(dcols, row0, row1, R, S, stride, padding, P, Q, dx):
+    """Adjoint of _im2col_rows: dx[n, c, h, w] += dcols[...]; the rows must be whole images and
+    dx[n] zeroed beforehand."""
+    C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+    for c in range(C):
+        for r in range(R):
+            for s in range(S):
+                i = (c * R + r) * S + s
+                q0 = 0 if s >= padding else (padding - s + stride - 1) // stride
+                q1 = min(Q, (W - 1 + padding - s) // stride + 1) if W - 1 + padding - s >= 0 else 0
+                q1 = max(q1, q0)
+                for row in range(row0, row1):
+                    n, p = row // P, row % P
+                    h = p * stride + r - padding
+                    if h < 0 or h >= H:
+                        continue
+                    o = (row - row0) * Q
+                    w0 = q0 * stride + s - padding
+                    for q in range(q0, q1):
+                        dx[n, c, h, w0 + (q - q0) * stride] += dcols[i, o + q]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv2d_forward(x, wmat, b, R, S, stride, padding, P, Q, rows_per_block, T, y):
+    # x (N, C, H, W), wmat (K, C*R*S), b (K,), y (N, K, P, Q)
+    N = x.shape[0]
+    K, CRS = wmat.shape
+    nrows = N * P
+    nblocks = (nrows + rows_per_block - 1) // rows_per_block
+    for t in prange(T):
+        cols = np.empty((CRS, rows_per_block * Q), dtype=x.dtype)
+        yb = np.empty((K, rows_per_block * Q), dtype=x.dtype)
+        for blk in range(t, nblocks, T):
+            row0 = blk * rows_per_block
+            row1 = min(nrows, row0 + rows_per_block)
+            _im2col_rows(x, row0, row1, R, S, stride, padding, P, Q, cols)
+            np.dot(wmat, cols, yb)  # a short last block leaves unused columns: never read
+            # y = Yb + b, scattered from (K, rows*Q) to NCHW
+            for row in range(row0, row1):
+                n, p = row // P, row % P
+                o = (row - row0) * Q
+                for k in range(K):
+                    bk = b[k]
+                    for q in range(Q):
+                        y[n, k, p, q] = yb[k, o + q] + bk
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv2d_backward(dy, x, wmat, R, S, stride, padding, images_per_block, T, need_dx,
+                     dw_parts, db_parts, dx):
+    # dy (N, K, P, Q), x (N, C, H, W), wmat (K, C*R*S); dw_parts (T, K, C*R*S), db_parts (T, K)
+    N, K, P, Q = dy.shape
+    CRS = wmat.shape[1]
+    wmat_t = np.ascontiguousarray(wmat.T)  # (C*R*S, K)
+    nblocks = (N + images_per_block - 1) // images_per_block
+    width = images_per_block * P * Q
+    for t in prange(T):
+        cols = np.empty((CRS, width), dtype=x.dtype)
+        dyb = np.empty((K, width), dtype=x.dtype)
+        dcols = np.empty((CRS, width), dtype=x.dtype)
+        dwt = np.empty((K, CRS), dtype=x.dtype)
+        dw_parts[t, :, :] = 0.0
+        db_parts[t, :] = 0.0
+        for blk in range(t, nblocks, T):
+            n0 = blk * images_per_block
+            n1 = min(N, n0 + images_per_block)
+            ncol = (n1 - n0) * P * Q
+            # gather dy into (K, images*P*Q) and sum it for the bias gradient
+            for n in range(n0, n1):
+                o = (n - n0) * P * Q
+                for k in range(K):
+                    acc = 0.0
+                    for p in range(P):
+                        for q in range(Q):
+                            v = dy[n, k, p, q]
+                            dyb[k, o + p * Q + q] = v
+                            acc += v
+                    db_parts[t, k] += acc
+            if ncol < width:  # the last, short block: zero the unused columns
+                dyb[:, ncol:] = 0.0
+                cols[:, ncol:] = 0.0
+            _im2col_rows(x, n0 * P, n1 * P, R, S, stride, padding, P, Q, cols)
+            # forward: Yb = Wmat @ cols  ->  dWmat = dYb @ cols^T,  dcols = Wmat^T @ dYb
+            np.dot(dyb, cols.T, dwt)
+            dw_parts[t] += dwt
+            if need_dx:
+                np.dot(wmat_t, dyb, dcols)
+                dx[n0:n1] = 0.0
+                _col2im_rows(dcols, n0 * P, n1 * P, R, S, stride, padding, P, Q, dx)
+
+
+def _rows_per_block(N, P, Q, T):
+    """Output rows per forward block: about CONV_BLOCK_COLUMNS columns, and at least T blocks."""
+    rows = max(1, CONV_BLOCK_COLUMNS // Q)
+    return max(1, min(rows, -(-N * P // T)))
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    """Same as reference.conv2d_forward: x (N, C, H, W), w (K, C, R, S), b (K,) or None ->
+    y (N, K, P, Q)."""
+    if not _fast(x, w) or (b is not None and b.dtype != x.dtype):
+        return _ref.conv2d_forward(x, w, b, stride, padding)
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q = conv2d_output_size(H, W, R, S, stride, padding)
+    x = np.ascontiguousarray(x)
+    wmat = np.ascontiguousarray(w).reshape(K, C * R * S)
+    bias = np.zeros(K, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    T = _threads()
+    _conv2d_forward(x, wmat, bias, R, S, stride, padding, P, Q, _rows_per_block(N, P, Q, T), T, y)
+    return y
+
+
+def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
+    """Same as reference.conv2d_backward: -> (dx (N, C, H, W) or None, dw (K, C, R, S), db (K,))."""
+    if not _fast(dy, x, w):
+        return _ref.conv2d_backward(dy, x, w, stride, padding, need_dx)
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q = dy.shape[2], dy.shape[3]
+    T = _threads()
+    per_block = max(1, min(CONV_BLOCK_COLUMNS // (P * Q), -(-N // T)))
+    dw_parts = np.empty((T, K, C * R * S), dtype=x.dtype)
+    db_parts = np.empty((T, K), dtype=x.dtype)
+    dx = np.empty((N, C, H, W), dtype=x.dtype) if need_dx else np.empty((0, C, H, W), dtype=x.dtype)
+    _conv2d_backward(np.ascontiguousarray(dy), np.ascontiguousarray(x),
+                     np.ascontiguousarray(w).reshape(K, C * R * S), R, S, stride, padding,
+                     per_block, T, need_dx, dw_parts, db_parts, dx)
+    dw = dw_parts.sum(axis=0).reshape(K, C, R, S)
+    return (dx if need_dx else None), dw, db_parts.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization: one parallel item per (n, g) group or per row; statistics accumulate in float64
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _group_norm_forward(x, gamma, beta, G, eps, y, mean, rstd):
+    # x, y (N, C, F) with F = prod(spatial); mean, rstd (N, G)
+    N, C, F = x.shape
+    Cg = C // G
+    for ng in prange(N * G):
+        n, g = ng // G, ng % G
+        acc = 0.0
+        for cl in range(Cg):
+            for i in range(F):
+                acc += x[n, g * Cg + cl, i]
+        mu = acc / (Cg * F)
+        acc = 0.0
+        for cl in range(Cg):
+            for i in range(F):
+                d = x[n, g * Cg + cl, i] - mu
+                acc += d * d
+        rs = 1.0 / math.sqrt(acc / (Cg * F) + eps)
+        mean[n, g] = mu
+        rstd[n, g] = rs
+        for cl in range(Cg):
+            c = g * Cg + cl
+            a = rs * gamma[c]
+            bb = beta[c] - mu * a
+            for i in range(F):
+                y[n, c, i] = x[n, c, i] * a + bb
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _group_norm_backward(dy, x, gamma, mean, rstd, G, dx, dgamma_nc, dbeta_nc):
+    # dy, x, dx (N, C, F); mean, rstd (N, G); dgamma_nc, dbeta_nc (N, C) partials, summed after
+    N, C, F = x.shape
+    Cg = C // G
+    for ng in prange(N * G):
+        n, g = ng // G, ng % G
+        mu, rs = mean[n, g], rstd[n, g]
+        s1 = 0.0  # sum of dxhat
+        s2 = 0.0  # sum of dxhat * xhat
+        for cl in range(Cg):
+            c = g * Cg + cl
+            sdy = 0.0
+            sdyx = 0.0
+            for i in range(F):
+                d = dy[n, c, i]
+                xh = (x[n, c, i] - mu) * rs
+                sdy += d
+                sdyx += d * xh
+            dbeta_nc[n, c] = sdy
+            dgamma_nc[n, c] = sdyx
+            s1 += sdy * gamma[c]
+            s2 += sdyx * gamma[c]
+        m1 = s1 / (Cg * F)
+        m2 = s2 / (Cg * F)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        for cl in range(Cg):
+            c = g * Cg + cl
+            gc = gamma[c]
+            for i in range(F):
+                xh = (x[n, c, i] - mu) * rs
+                dx[n, c, i] = rs * (dy[n, c, i] * gc - m1 - xh * m2)
+
+
+def group_norm_forward(x, gamma, beta, num_groups, eps):
+    """Same as reference.group_norm_forward -> (y, mean (N, G), rstd (N, G))."""
+    if not _fast(x, gamma, beta):
+        return _ref.group_norm_forward(x, gamma, beta, num_groups, eps)
+    N, C = x.shape[0], x.shape[1]
+    x3 = np.ascontiguousarray(x).reshape(N, C, -1)
+    y = np.empty_like(x3)
+    mean = np.empty((N, num_groups), dtype=x.dtype)
+    rstd = np.empty((N, num_groups), dtype=x.dtype)
+    _group_norm_forward(x3, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), num_groups,
+                        float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+def group_norm_backward(dy, x, gamma, mean, rstd, num_groups):
+    """Same as reference.group_norm_backward -> (dx, dgamma, dbeta)."""
+    if not _fast(dy, x, gamma, mean, rstd):
+        return _ref.group_norm_backward(dy, x, gamma, mean, rstd, num_groups)
+    N, C = x.shape[0], x.shape[1]
+    x3 = np.ascontiguousarray(x).reshape(N, C, -1)
+    dx = np.empty_like(x3)
+    dgamma = np.empty((N, C), dtype=x.dtype)
+    dbeta = np.empty((N, C), dtype=x.dtype)
+    _group_norm_backward(np.ascontiguousarray(dy).reshape(N, C, -1), x3, np.ascontiguousarray(gamma),
+                         np.ascontiguousarray(mean), np.ascontiguousarray(rstd), num_groups,
+                         dx, dgamma, dbeta)
+    return dx.reshape(x.shape), dgamma.sum(axis=0), dbeta.sum(axis=0)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _layer_norm_forward(x, gamma, beta, eps, y, mean, rstd):
+    # x, y (B, D); mean, rstd (B,)
+    B, D = x.shape
+    for i in prange(B):
+        acc = 0.0
+        for j in range(D):
+            acc += x[i, j]
+        mu = acc / D
+        acc = 0.0
+        for j in range(D):
+            d = x[i, j] - mu
+            acc += d * d
+        rs = 1.0 / math.sqrt(acc / D + eps)
+        mean[i] = mu
+        rstd[i] = rs
+        for j in range(D):
+            y[i, j] = (x[i, j] - mu) * rs * gamma[j] + beta[j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _layer_norm_backward(dy, x, gamma, mean, rstd, T, dx, dgamma_parts, dbeta_parts):
+    # dy, x, dx (B, D); dgamma_parts, dbeta_parts (T, D), one per thread
+    B, D = x.shape
+    per = (B + T - 1) // T
+    for t in prange(T):
+        dgamma_parts[t, :] = 0.0
+        dbeta_parts[t, :] = 0.0
+        for i in range(t * per, min(B, (t + 1) * per)):
+            mu, rs = mean[i], rstd[i]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(D):
+                xh = (x[i, j] - mu) * rs
+                d = dy[i, j]
+                dbeta_parts[t, j] += d
+                dgamma_parts[t, j] += d * xh
+                s1 += d * gamma[j]
+                s2 += d * gamma[j] * xh
+            m1 = s1 / D
+            m2 = s2 / D
+            for j in range(D):
+                xh = (x[i, j] - mu) * rs
+                dx[i, j] = rs * (dy[i, j] * gamma[j] - m1 - xh * m2)
+
+
+def layer_norm_forward(x, gamma, beta, eps):
+    """Same as reference.layer_norm_forward -> (y, mean (B,), rstd (B,))."""
+    if not _fast(x, gamma, beta):
+        return _ref.layer_norm_forward(x, gamma, beta, eps)
+    D = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, D)
+    y = np.empty_like(x2)
+    mean = np.empty(x2.shape[0], dtype=x.dtype)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _layer_norm_forward(x2, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps),
+                        y, mean, rstd)
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
+
+
+def layer_norm_backward(dy, x, gamma, mean, rstd):
+    """Same as reference.layer_norm_backward -> (dx, dgamma, dbeta)."""
+    if not _fast(dy, x, gamma, mean, rstd):
+        return _ref.layer_norm_backward(dy, x, gamma, mean, rstd)
+    D = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, D)
+    dx = np.empty_like(x2)
+    T = _threads()
+    dgamma = np.empty((T, D), dtype=x.dtype)
+    dbeta = np.empty((T, D), dtype=x.dtype)
+    _layer_norm_backward(np.ascontiguousarray(dy).reshape(-1, D), x2, np.ascontiguousarray(gamma),
+                         np.ascontiguousarray(mean).reshape(-1), np.ascontiguousarray(rstd).reshape(-1),
+                         T, dx, dgamma, dbeta)
+    return dx.reshape(x.shape), dgamma.sum(axis=0), dbeta.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# pointwise activations on flat contiguous arrays
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _silu_forward(x, y):
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = v / (_ONE32 + fast_exp(-v))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _silu_backward(dy, x, dx):
+    for i in prange(x.size):
+        v = x[i]
+        s = _ONE32 / (_ONE32 + fast_exp(-v))
+        dx[i] = dy[i] * (s * (_ONE32 + v * (_ONE32 - s)))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _gelu_forward(x, y):
+    for i in prange(x.size):
+        v = x[i]
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)  # reference.SQRT_2_OVER_PI, GELU_CUBIC
+        y[i] = 0.5 * v * (1.0 + math.tanh(u))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _gelu_backward(dy, x, dx):
+    for i in prange(x.size):
+        v = x[i]
+        v2 = v * v
+        th = math.tanh(0.7978845608028654 * (v + 0.044715 * v2 * v))
+        dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v2)
+        dx[i] = dy[i] * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * dudx)
+
+
+def _pointwise(kernel, ref, *arrays):
+    if not _fast(*arrays):
+        return ref(*arrays)
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+    out = np.empty_like(flat[-1])
+    kernel(*flat, out)
+    return out.reshape(arrays[-1].shape)
+
+
+def silu_forward(x):
+    """Same as reference.silu_forward."""
+    return _pointwise(_silu_forward, _ref.silu_forward, x)
+
+
+def silu_backward(dy, x):
+    """Same as reference.silu_backward."""
+    return _pointwise(_silu_backward, _ref.silu_backward, dy, x)
+
+
+def gelu_forward(x):
+    """Same as reference.gelu_forward."""
+    return _pointwise(_gelu_forward, _ref.gelu_forward, x)
+
+
+def gelu_backward(dy, x):
+    """Same as reference.gelu_backward."""
+    return _pointwise(_gelu_backward, _ref.gelu_backward, dy, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear map: row blocks, one GEMM each
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _linear_forward(x, w, b, T, y):
+    # x (B, I), w (J, I), b (J,), y (B, J)
+    B = x.shape[0]
+    J = w.shape[0]
+    wt = np.ascontiguousarray(w.T)  # (I, J)
+    per = (B + T - 1) // T
+    for t in prange(T):
+        r0, r1 = t * per, min(B, (t + 1) * per)
+        if r0 < r1:
+            yb = y[r0:r1]
+            np.dot(x[r0:r1], wt, yb)
+            for i in range(r1 - r0):
+                for j in range(J):
+                    yb[i, j] += b[j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _linear_backward(dy, x, w, T, dx, dw_parts, db_parts):
+    # dy (B, J), x (B, I), w (J, I); dx (B, I); dw_parts (T, J, I), db_parts (T, J)
+    B, J = dy.shape
+    per = (B + T - 1) // T
+    for t in prange(T):
+        r0, r1 = t * per, min(B, (t + 1) * per)
+        dw_parts[t, :, :] = 0.0
+        db_parts[t, :] = 0.0
+        if r0 < r1:
+            dyb = dy[r0:r1]
+            np.dot(dyb, w, dx[r0:r1])  # y = x w^T + b  ->  dx = dy w
+            np.dot(dyb.T, x[r0:r1], dw_parts[t])  # dw = dy^T x
+            for i in range(r1 - r0):
+                for j in range(J):
+                    db_parts[t, j] += dyb[i, j]
+
+
+def linear_forward(x, w, b):
+    """Same as reference.linear_forward: x (..., I), w (J, I), b (J,) or None -> (..., J)."""
+    if not _fast(x, w) or (b is not None and b.dtype != x.dtype):
+        return _ref.linear_forward(x, w, b)
+    J, I = w.shape
+    x2 = np.ascontiguousarray(x).reshape(-1, I)
+    y = np.empty((x2.shape[0], J), dtype=x.dtype)
+    bias = np.zeros(J, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
+    T = min(_threads(), max(1, x2.shape[0]))
+    _linear_forward(x2, np.ascontiguousarray(w), bias, T, y)
+    return y.reshape(x.shape[:-1] + (J,))
+
+
+def linear_backward(dy, x, w, need_bias=True):
+    """Same as reference.linear_backward -> (dx, dw, db or None)."""
+    if not _fast(dy, x, w):
+        return _ref.linear_backward(dy, x, w, need_bias)
+    J, I = w.shape
+    dy2 = np.ascontiguousarray(dy).reshape(-1, J)
+    x2 = np.ascontiguousarray(x).reshape(-1, I)
+    T = min(_threads(), max(1, dy2.shape[0]))
+    dx = np.empty((dy2.shape[0], I), dtype=x.dtype)
+    dw = np.empty((T, J, I), dtype=x.dtype)
+    db = np.empty((T, J), dtype=x.dtype)
+    _linear_backward(dy2, x2, np.ascontiguousarray(w), T, dx, dw, db)
+    return dx.reshape(x.shape), dw.sum(axis=0), (db.sum(axis=0) if need_bias else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: one parallel item per (batch, head); scores, softmax and output in one pass
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attention_forward(q, k, v, key_mask, scale, o, probs):
+    # q (N, E, L, Dh), k v (N, E, M, Dh), key_mask (N, M); o like q, probs (N, E, L, M)
+    N, E, L, _ = q.shape
+    M = k.shape[2]
+    for ne in prange(N * E):
+        n, e = ne // E, ne % E
+        p = probs[n, e]  # (L, M)
+        np.dot(q[n, e], k[n, e].T, p)
+        for i in range(L):
+            mx = _NEG_INF32
+            for j in range(M):
+                s = p[i, j] * scale
+                p[i, j] = s
+                if key_mask[n, j] and s > mx:
+                    mx = s
+            tot = 0.0
+            for j in range(M):
+                ex = fast_exp(p[i, j] - mx) if key_mask[n, j] else _ZERO32  # masked: exp(-inf)
+                p[i, j] = ex
+                tot += ex
+            inv = 1.0 / tot
+            for j in range(M):
+                p[i, j] *= inv
+        np.dot(p, v[n, e], o[n, e])
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attention_backward(do, q, k, v, probs, scale, dq, dk, dv):
+    N, E, L, _ = q.shape
+    M = k.shape[2]
+    for ne in prange(N * E):
+        n, e = ne // E, ne % E
+        p = probs[n, e]
+        np.dot(p.T, do[n, e], dv[n, e])  # o = p v
+        dp = np.dot(do[n, e], v[n, e].T)  # (L, M)
+        # p = softmax(s): ds = p (dp - sum_m dp p); s = scale q k^T
+        for i in range(L):
+            acc = 0.0
+            for j in range(M):
+                acc += dp[i, j] * p[i, j]
+            for j in range(M):
+                dp[i, j] = p[i, j] * (dp[i, j] - acc) * scale
+        np.dot(dp, k[n, e], dq[n, e])
+        np.dot(dp.T, q[n, e], dk[n, e])
+
+
+def attention_forward(q, k, v, key_mask, scale):
+    """Same as reference.attention_forward -> (o (N, E, L, Dh), probs (N, E, L, M))."""
+    if not _fast(q, k, v):
+        return _ref.attention_forward(q, k, v, key_mask, scale)
+    N, E, L, Dh = q.shape
+    M = k.shape[2]
+    mask = np.ones((N, M), dtype=np.bool_) if key_mask is None else np.ascontiguousarray(key_mask)
+    o = np.empty((N, E, L, Dh), dtype=q.dtype)
+    probs = np.empty((N, E, L, M), dtype=q.dtype)
+    _attention_forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                       mask, q.dtype.type(scale), o, probs)
+    return o, probs
+
+
+def attention_backward(do, q, k, v, probs, scale):
+    """Same as reference.attention_backward -> (dq, dk, dv)."""
+    if not _fast(do, q, k, v, probs):
+        return _ref.attention_backward(do, q, k, v, probs, scale)
+    dq = np.empty(q.shape, dtype=q.dtype)
+    dk = np.empty(k.shape, dtype=q.dtype)
+    dv = np.empty(v.shape, dtype=q.dtype)
+    _attention_backward(np.ascontiguousarray(do), np.ascontiguousarray(q), np.ascontiguousarray(k),
+                        np.ascontiguousarray(v), np.ascontiguousarray(probs), q.dtype.type(scale), dq, dk, dv)
+    return dq, dk, dv
