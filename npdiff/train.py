@@ -48,22 +48,23 @@ class TrainingError(RuntimeError):
 class TrainArgs:
     data: str = "shapes"                  # "shapes" (procedural) or a folder of images with captions
     output_dir: str = "runs/shapes"       # checkpoints, logs, validation grids and the final model
+    # the defaults below are the shipped model's recipe (npdiff/weights/, see the README)
     resolution: int = 32                  # image side in pixels (a multiple of 8)
     train_batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 200
-    max_train_steps: int = 4000
+    max_train_steps: int = 3000
     use_ema: bool = True
     ema_decay: float = 0.999
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
-    checkpointing_steps: int = 500
+    checkpointing_steps: int = 250
     resume_from_checkpoint: str | None = None   # a checkpoint folder, or "latest"
     validation_prompts: tuple[str, ...] = ()
     min_snr_gamma: float | None = 5.0
     # model shape
-    base_channels: int = 64
+    base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attention_levels: tuple[int, ...] = (1, 2)
