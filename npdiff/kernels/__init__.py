@@ -5,7 +5,8 @@ signatures (conv2d_forward, conv2d_backward, group_norm_forward, ...). Three nam
 
   "reference"  plain vectorized NumPy, float64-capable; the oracle the others are tested against
   "cpu"        Numba (`@njit(cache=True)`); until that module exists, "cpu" means "reference"
-  "cuda"       numba.cuda, imported only when asked for
+  "cuda"       numba.cuda, imported only when asked for; needs a GPU or NUMBA_ENABLE_CUDASIM=1
+               (its module's check_available() raises RuntimeError otherwise)
 
 The active backend is chosen by `set_backend(name)`, else by the NPDIFF_BACKEND environment
 variable (read once, the first time a backend is needed), else "cpu". Layers fetch it with
@@ -54,6 +55,9 @@ def _load(name):
                 raise RuntimeError(f"kernel backend {name!r} is not available in this install; "
                                    "use 'reference' or 'cpu'") from err
             from npdiff.kernels import reference as module  # no compiled CPU kernels yet
+    check = getattr(module, "check_available", None)  # e.g. "cuda" without a GPU: a RuntimeError saying so
+    if check is not None:
+        check()
     missing = [k for k in KERNEL_NAMES if not callable(getattr(module, k, None))]
     if missing:
         raise RuntimeError(f"kernel backend {name!r} lacks {', '.join(missing)}; a backend may "
