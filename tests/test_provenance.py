@@ -1,5 +1,5 @@
-"""Provenance chunks: the A1111 infotext reads back through A1111's PNG Info rules, and the npdiff
-recipe round-trips, keeps its parent, and refuses damage."""
+"""Provenance chunks: the A1111 infotext reads back through A1111's PNG Info rules (tests/a1111.py), and
+the npdiff recipe round-trips, keeps its parent, and refuses damage."""
 
 import hashlib
 import json
@@ -12,55 +12,7 @@ from npdiff.imaging import png_bytes, read_image
 from npdiff.provenance import (RecipeError, for_image, infotext, lineage, model_hash, parent_pixels, parent_record,
                                pixels_hash, png_text, read_recipe)
 from npdiff.recipes import new_recipe
-
-
-def settings_pairs(line: str) -> list[tuple[str, str]]:
-    """The "Key: value, Key: value" pairs of an infotext's last line, by the rules PNG Info applies:
-    a key starts with a word character and runs to a colon; a value is a JSON string when it starts
-    with a double quote, else it runs to the next comma."""
-    pairs, i = [], 0
-    key_re = re.compile(r"\s*(\w[\w /-]*):\s*")
-    while i < len(line):
-        m = key_re.match(line, i)
-        if m is None:
-            break
-        key, i = m.group(1), m.end()
-        if line.startswith('"', i):
-            j = i + 1
-            while line[j] != '"':
-                j += 2 if line[j] == "\\" else 1
-            value, i = json.loads(line[i:j + 1]), j + 1
-        else:
-            j = line.find(",", i)
-            j = len(line) if j < 0 else j
-            value, i = line[i:j].strip(), j
-        pairs.append((key, value))
-        i += line.startswith(",", i)
-    return pairs
-
-
-def a1111_read(text: str) -> dict:
-    """PNG Info's reading of an infotext, from its documented rules: the last line holds the settings
-    if it has at least 3 pairs; every line before the one starting "Negative prompt:" is the prompt,
-    the lines from there on the negative prompt; "Size: WxH" becomes Size-1 and Size-2."""
-    *lines, last = text.strip().split("\n")
-    if len(settings_pairs(last)) < 3:
-        lines.append(last)
-        last = ""
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in settings_pairs(last):
-        size = re.fullmatch(r"(\d+)x(\d+)", value)
-        if size:
-            out[f"{key}-1"], out[f"{key}-2"] = size.groups()
-        else:
-            out[key] = value
-    return out
+from a1111 import a1111_read
 
 
 def recipe(**over):
