@@ -76,6 +76,7 @@ def test_q_sample_matches_add_noise():
     t = np.array([3, 777])
     ours = q_sample(npdiff_schedule(s), x0, t, noise)
     theirs = s.add_noise(t_(x0), t_(noise), t_(t)).numpy()
+    print(f"q_sample vs add_noise: max |difference| {np.abs(ours - theirs).max():.1e}")
     assert np.abs(ours - theirs).max() < TOL
 
 
@@ -102,6 +103,7 @@ def test_ddpm_steps_match(prediction, variance, spacing):
         ours, _ = ddpm_step(sched, x, i, out, noise, prediction=prediction, variance=variance)
         worst = max(worst, np.abs(ours - theirs).max())
         x = theirs
+    print(f"DDPM {prediction} {variance} {spacing}: max |step difference| {worst:.1e}")
     assert worst < TOL, worst
 
 
@@ -129,6 +131,7 @@ def test_ddim_steps_match(prediction, eta, spacing, threshold):
         ours, _ = ddim_step(sched, x, i, out, noise, eta=eta, prediction=prediction, process_x0=process)
         worst = max(worst, np.abs(ours - theirs).max())
         x = theirs
+    print(f"DDIM {prediction} eta={eta} {spacing} threshold={threshold}: max |step difference| {worst:.1e}")
     assert worst < TOL, worst
 
 
@@ -153,6 +156,7 @@ def test_dpm_solver_pp_2m_steps_and_whole_run_match(prediction, spacing, n):
         ours = dpmpp_2m_step(sched, x, i, x0, *(last or (None, None)))
         worst = max(worst, np.abs(ours - theirs).max())
         last, x = (x0, i), theirs
+    print(f"DPM-Solver++ 2M {prediction} {spacing} n={n}: max |step difference| {worst:.1e}", end="")
     assert worst < TOL, worst
     # the whole sampler, run on its own, against diffusers' whole loop
     s = diffusers.DPMSolverMultistepScheduler(**kw)
@@ -162,4 +166,5 @@ def test_dpm_solver_pp_2m_steps_and_whole_run_match(prediction, spacing, n):
         y = s.step(t_(model(y.numpy(), int(t), prediction, sched.base_alphas_cumprod)), t, y).prev_sample
     ours = sample_dpmpp_2m(lambda x, t: model(x, t[0], prediction, sched.base_alphas_cumprod), sched, x_T, None,
                            steps=len(sched), prediction=prediction)
+    print(f", whole run {np.abs(ours - y.numpy()).max():.1e}")
     assert np.abs(ours - y.numpy()).max() < TOL
