@@ -77,8 +77,9 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw a 2x2 grid of images from a prompt",
                        description="Draw images from a text prompt. Settings may also follow the prompt, "
                                    "Midjourney style: \"a red circle --ar 3:2 --seed 7 --no blue --chaos 30\" "
-                                   "(inline --ar, --seed, --steps, --sampler, --cfg, --no, --chaos, --n). Writes "
-                                   "{n:05}-{seed}.png per image and grid-{n:04}.png to --outdir and prints their paths.")
+                                   "(inline --ar, --seed, --steps, --sampler, --cfg, --no, --chaos, --n, --backend). "
+                                   "Writes {n:05}-{seed}.png per image and grid-{n:04}.png to --outdir and prints "
+                                   "their paths.")
     p.add_argument("prompt", nargs="?", default=None, help='what to draw, e.g. "a red circle on a blue background"')
     p.add_argument("--ar", default=None, help=f"aspect ratio W:H, e.g. 3:2; {SIZE_HELP}")
     p.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
@@ -245,7 +246,10 @@ def cmd_upscale(args) -> int:
     strength = DEFAULT_UPSCALE_STRENGTH if args.strength is None else args.strength
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"--strength {strength} is out of range; use 0 (Lanczos only) to 1")
-    return _edit(args, "upscale", args.prompt, strength=float(strength), n_default=1)
+    code = _edit(args, "upscale", args.prompt, strength=float(strength), n_default=1)
+    print("upscaled 2x by Lanczos resampling" + (f", then img2img at strength {strength:g} with the same U-Net "
+          "(sharper edges, no new detail)" if strength else " alone (--strength 0)"), file=sys.stderr)
+    return code
 
 
 def _edit(args, operation: str, prompt_text: str | None, *, remix: bool = False, mask_path: str | None = None,
@@ -320,11 +324,13 @@ def _settings(args, prompt_text: str, *, inherit: dict | None = None, n_default:
     if "ar" in inline and "ar" not in extra:
         raise UsageError("--ar is for sample only; an edit keeps its image's shape (use pan or zoom-out to change it)")
     s = {}
-    for key in ("seed", "steps", "sampler", "cfg", "chaos", "n", "ar"):
+    for key in ("seed", "steps", "sampler", "cfg", "chaos", "n", "ar", "backend"):
         flag = getattr(args, key, None)
         if flag is not None and key in inline and _norm(key, flag) != inline[key]:
             raise UsageError(f"--{key} is given twice, as a flag ({flag}) and in the prompt ({inline[key]}); keep one")
         s[key] = flag if flag is not None else inline.get(key)
+    if "backend" in inline and args.backend is None:     # a --backend flag was already applied by main()
+        _use_backend(inline["backend"])
     negatives = [v for v in (getattr(args, "negative_prompt", None), inline.get("negative_prompt")) if v]
     s["negative_prompt"] = ", ".join(negatives) if negatives else None
     defaults = {"steps": DEFAULT_STEPS, "sampler": DEFAULT_SAMPLER, "cfg": DEFAULT_CFG, "chaos": 0, "n": n_default,
@@ -357,6 +363,14 @@ def _norm(key, flag):
         from npdiff.text.prompt import _ratio
         return _ratio("ar", flag)
     return flag
+
+
+def _use_backend(name: str) -> None:
+    from npdiff.kernels import set_backend
+    try:
+        set_backend(name)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _common(s: dict, loaded: _Loaded) -> dict:
@@ -418,8 +432,13 @@ def _check_outdir(path: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UsageError(f"cannot write to {path}: {probe} is not a folder; choose another --outdir")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {probe} is not writable; choose another --outdir")
+    import tempfile
+    try:                                       # a real write: access() says yes to root on /proc or a read-only mount
+        fd, tmp = tempfile.mkstemp(prefix=".npdiff-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"output folder {probe} is not writable ({e.strerror}); choose another --outdir") from None
 
 
 def _check_output_file(path: Path, suffix: str, flag: str) -> None:
@@ -451,24 +470,33 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
     images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet,
                         callback=keep_frame if trajectory else None, source=getattr(args, "from_image", None) or "the recipe")
     outdir = Path(args.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     rows = 2 if recipe["n"] == 4 else None
-    paths = []
     indices = range(recipe["n"]) if only == "all" else ([] if only is None else [only])
-    for i in indices:
-        data = png_bytes(images[i], png_text(for_image(recipe, i)))
-        paths.append(_write_new(outdir, lambda k, i=i: f"{k:05d}-{recipe['seed'] + i}.png",
-                                "[0-9][0-9][0-9][0-9][0-9]-*.png", 5, data))
+    singles = [(i, png_bytes(images[i], png_text(for_image(recipe, i)))) for i in indices]
+    grid = None
     if (only == "all" and recipe["n"] > 1) or only is None:
-        data = png_bytes(make_grid(images, rows=rows), png_text(for_image(recipe, None)))
-        paths.append(_write_new(outdir, lambda k: f"grid-{k:04d}.png", "grid-[0-9][0-9][0-9][0-9].png", 4, data,
-                                prefix="grid-"))
-    if trajectory:
-        from npdiff.imaging import save_gif
-        scale = max(1, 256 // max(frames[0].shape[:2]))
-        big = [f.repeat(scale, axis=0).repeat(scale, axis=1) for f in frames]
-        save_gif(trajectory, big + [big[-1]] * 5, duration_ms=120)   # hold the last frame a moment
-        paths.append(trajectory)
+        grid = png_bytes(make_grid(images, rows=rows), png_text(for_image(recipe, None)))
+    paths, made = [], not outdir.exists()
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for i, data in singles:
+            paths.append(_write_new(outdir, lambda k, i=i: f"{k:05d}-{recipe['seed'] + i}.png", r"(\d{5,})-.+\.png",
+                                    data))
+        if grid is not None:
+            paths.append(_write_new(outdir, lambda k: f"grid-{k:04d}.png", r"grid-(\d{4,})\.png", grid))
+        if trajectory:
+            from npdiff.imaging import save_gif
+            scale = max(1, 256 // max(frames[0].shape[:2]))
+            big = [f.repeat(scale, axis=0).repeat(scale, axis=1) for f in frames]
+            save_gif(trajectory, big + [big[-1]] * 5, duration_ms=120)   # hold the last frame a moment
+            paths.append(trajectory)
+    except OSError as e:                       # the folder went away or filled up after the check: keep no part
+        for p in paths:
+            Path(p).unlink(missing_ok=True)
+        if made and outdir.is_dir() and not any(outdir.iterdir()):
+            outdir.rmdir()
+        raise UsageError(f"cannot write to {e.filename or outdir} ({e.strerror or e}); no file of this batch was "
+                         "kept; choose another --outdir") from None
     if quiet_paths:
         return paths
     for p in paths:
@@ -476,9 +504,11 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
     return 0
 
 
-def _write_new(outdir: Path, name_for, pattern: str, digits: int, data: bytes, prefix: str = "") -> str:
-    """Write `data` under the next free number in `outdir`, never replacing an existing file: the name is
+def _write_new(outdir: Path, name_for, numbered: str, data: bytes) -> str:
+    """Write `data` under the next free number in `outdir` (one past the largest in a name that matches
+    the regex `numbered`, whose group is the number), never replacing an existing file: the name is
     claimed with O_EXCL, then the complete file is renamed over the claim."""
+    import re
     import tempfile
     fd, tmp = tempfile.mkstemp(prefix=".npdiff-", suffix=".tmp", dir=outdir)
     try:
@@ -487,12 +517,14 @@ def _write_new(outdir: Path, name_for, pattern: str, digits: int, data: bytes, p
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; an image is as readable as any new file
-        while True:
-            taken = [int(p.name[len(prefix):len(prefix) + digits]) for p in outdir.glob(pattern)]
-            path = outdir / name_for(max(taken, default=-1) + 1)
+        taken = [int(m.group(1)) for m in (re.fullmatch(numbered, p.name) for p in outdir.iterdir()) if m]
+        k = max(taken, default=-1) + 1
+        while True:                            # a name claimed meanwhile by another npdiff: try the next
+            path = outdir / name_for(k)
             try:
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
+                k += 1
                 continue
             os.replace(tmp, path)
             return str(path)
@@ -733,11 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = _usage_errors()
     try:
         if getattr(args, "backend", None):
-            from npdiff.kernels import set_backend
-            try:
-                set_backend(args.backend)
-            except (ValueError, RuntimeError) as e:
-                raise UsageError(str(e)) from None
+            _use_backend(args.backend)
         return args.func(args)
     except errors as e:
         print(f"npdiff: error: {e}", file=sys.stderr)

@@ -1,16 +1,22 @@
 """The command line as users meet it: sample and the edit verbs write what they say, record how,
 re-create it byte for byte, and meet every bad input with one line and exit code 2."""
 
+import errno
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from npdiff import cli, explain, kernels
+from npdiff.checkpoint import load_tensors, save_tensors
 from npdiff.cli import main
 from npdiff.imaging import read_image, save_png
 from npdiff.provenance import lineage, parent_pixels, pixels_hash, read_recipe
+from a1111 import a1111_read
 from tiny_model import save_tiny_model, tiny_model
 
 FAST = ["--steps", "2", "--quiet"]
@@ -20,6 +26,23 @@ FAST = ["--steps", "2", "--quiet"]
 def model_dir(tmp_path_factory):
     """A 16x16 tiny random model (fast)."""
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def parent(model_dir, tmp_path_factory):
+    """A 16x16 sample (seed 2) for the edit verbs."""
+    out = tmp_path_factory.mktemp("parent")
+    assert main(["sample", "a red circle", "--seed", "2", "-n", "1", "--model", model_dir, "--outdir", str(out),
+                 *FAST]) == 0
+    return str(out / "00000-2.png")
+
+
+@pytest.fixture
+def keep_backend():
+    """--backend switches the process's kernels: put back the ones in use before the test."""
+    before = kernels.backend_name()
+    yield
+    kernels.set_backend(before)
 
 
 def run(capsys, *argv):
@@ -63,6 +86,86 @@ def test_sample_writes_four_images_and_a_grid_and_never_overwrites(capsys, model
     singles = [read_image(p)[0] for p in first[:4]]
     assert grid.shape == (32, 32, 3)
     assert np.array_equal(grid[:16, 16:], singles[1]) and np.array_equal(grid[16:, :16], singles[2])
+
+
+def test_numbering_goes_on_past_the_name_width_and_never_overwrites(capsys, model_dir, tmp_path):
+    for name in ("99999-5.png", "grid-9999.png", "grid-10000.png"):
+        (tmp_path / name).write_bytes(b"kept")
+    paths = sample(capsys, model_dir, tmp_path, "a red circle", "--seed", "1", "-n", "2")
+    assert [Path(p).name for p in paths] == ["100000-1.png", "100001-2.png", "grid-10001.png"]
+    assert all((tmp_path / name).read_bytes() == b"kept" for name in ("99999-5.png", "grid-9999.png", "grid-10000.png"))
+
+
+def test_progress_bar_on_stderr_unless_quiet(capsys, model_dir, tmp_path):
+    code, paths, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path, "-n", "1",
+                           "--steps", "2")
+    assert code == 0 and len(paths) == 1
+    assert "0/2" in err and "step" in err                # tqdm: "  0%|          | 0/2 [00:00<?, ?step/s]"
+    code, paths, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path, "-n", "1",
+                           "--steps", "2", "--quiet")
+    assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize("inline, flags, key, value", [
+    ("--seed 3", ["--seed", "3"], "seed", 3),
+    ("--steps 1", ["--steps", "1"], "steps", 1),
+    ("--sampler heun", ["--sampler", "heun"], "sampler", "heun"),
+    ("--cfg 2", ["--guidance-scale", "2"], "cfg", 2.0),
+    ("--guidance-scale 2", ["--cfg", "2"], "cfg", 2.0),
+    ("--no blue, green", ["--negative-prompt", "blue, green"], "negative_prompt", "blue, green"),
+    ("--chaos 50", ["--chaos", "50"], "chaos", 50),
+    ("--n 3", ["-n", "3"], "n", 3),
+    ("--backend reference", ["--backend", "reference"], "backend", "reference"),
+])
+def test_every_flag_has_an_inline_twin(capsys, model_dir, tmp_path, keep_backend, inline, flags, key, value):
+    base = {"seed": ["--seed", "1"], "steps": ["--steps", "2"], "n": ["-n", "2"]}
+    rest = [a for k, v in base.items() if k != key for a in v] + ["--quiet", "--model", model_dir]
+    code, a, err = run(capsys, "sample", f"a red circle {inline}", "--outdir", tmp_path / "a", *rest)
+    assert code == 0, err
+    kernels.set_backend("cpu")
+    code, b, err = run(capsys, "sample", "a red circle", *flags, "--outdir", tmp_path / "b", *rest)
+    assert code == 0, err
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    r = recipe_of(a[0])
+    assert r[key] == value and r["prompt"] == "a red circle"
+    assert len(a) == r["n"] + 1                          # the images and their grid
+
+
+def test_aspect_ratio_flag_and_inline_agree(capsys, tmp_path):
+    folder = tmp_path / "m32"
+    tiny_model(resolution=32).save(folder)
+    common = ["--model", folder, "-n", "1", "--steps", "1", "--seed", "4", "--quiet"]
+    code, a, err = run(capsys, "sample", "a red circle --ar 3:2", "--outdir", tmp_path / "a", *common)
+    assert code == 0, err
+    code, b, err = run(capsys, "sample", "a red circle", "--ar", "3:2", "--outdir", tmp_path / "b", *common)
+    assert code == 0, err
+    assert open(a[0], "rb").read() == open(b[0], "rb").read()
+    assert read_image(a[0])[0].shape == (24, 40, 3)      # 960 pixels: the 32x32 model's 1024 at 3:2, sides of 8
+
+
+A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM++ 2M", "euler": "Euler", "heun": "Heun",
+                       "euler-a": "Euler a"}
+
+
+@pytest.mark.parametrize("sampler", list(A1111_SAMPLER_NAMES))
+def test_a1111_png_info_reads_what_sample_writes(capsys, model_dir, tmp_path, sampler):
+    """Each PNG's `parameters` chunk, read with PIL alone and parsed by A1111's rules (tests/a1111.py)."""
+    paths = sample(capsys, model_dir, tmp_path, f"a red circle, on the left --no blue, green --sampler {sampler}",
+                   "--seed", "7", "--cfg", "2.5", "-n", "2")
+    weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:10]
+    with Image.open(paths[0]) as im:
+        single_size = im.size
+    for path, seed in zip(paths, [7, 8, 7]):             # two images and their grid (the first image's seed)
+        with Image.open(path) as im:
+            text = dict(im.text)
+        assert set(text) == {"parameters", "npdiff"}
+        got = a1111_read(text["parameters"])
+        assert (got["Prompt"], got["Negative prompt"]) == ("a red circle, on the left", "blue, green")
+        assert (got["Steps"], got["Sampler"], float(got["CFG scale"]), got["Seed"]) == \
+            ("2", A1111_SAMPLER_NAMES[sampler], 2.5, str(seed))
+        assert (int(got["Size-1"]), int(got["Size-2"])) == single_size and got["Model hash"] == weights
+        recipe = json.loads(text["npdiff"])
+        assert (recipe["sampler"], recipe["seed"], recipe["negative_prompt"]) == (sampler, 7, "blue, green")
 
 
 def test_inline_parameters_are_the_flags(capsys, model_dir, tmp_path):
@@ -192,11 +295,57 @@ def test_upscale_is_lanczos_then_img2img(capsys, model_dir, tmp_path):
     assert code == 0, err
     lanczos = np.asarray(Image.fromarray(src).resize((32, 32), Image.LANCZOS))
     assert len(kids) == 1 and np.array_equal(read_image(kids[0])[0], lanczos)
+    assert err.strip() == "upscaled 2x by Lanczos resampling alone (--strength 0)"
     code, kids, err = run(capsys, "upscale", parent, "--model", model_dir, "--outdir", tmp_path / "u1", *FAST)
     assert code == 0, err
     out = read_image(kids[0])[0]
     assert out.shape == (32, 32, 3) and not np.array_equal(out, lanczos)
     assert recipe_of(kids[0])["strength"] == 0.3
+
+
+VERBS = {                 # verb -> (its own arguments, what its recipe records)
+    "vary": (["--strength", "subtle"], {"strength": 0.35, "prompt": "a red circle"}),
+    "remix": (["a blue square"], {"prompt": "a blue square", "seed": 2, "strength": None}),
+    "inpaint": (["--mask", "MASK", "a blue circle"], {"prompt": "a blue circle", "sampler": "ddpm"}),
+    "zoom-out": (["--factor", "2"], {"factor": 2.0, "width": 32, "height": 32}),
+    "pan": (["--direction", "left"], {"direction": "left", "width": 24, "height": 16}),
+    "upscale": ([], {"strength": 0.3, "width": 32, "height": 32}),
+}
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_edit_records_its_parent_and_operation_and_recreates(capsys, model_dir, parent, tmp_path, verb):
+    own, expected = VERBS[verb]
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[4:12, 4:12] = 255
+    save_png(tmp_path / "mask.png", mask)
+    own = [str(tmp_path / "mask.png") if a == "MASK" else a for a in own]
+    code, kids, err = run(capsys, verb, parent, *own, "--model", model_dir, "--outdir", tmp_path / "o", "-n", "2",
+                          *FAST)
+    assert code == 0, err
+    assert [Path(k).name for k in kids] == ["00000-" + kids[0].split("-")[-1], "00001-" + kids[1].split("-")[-1],
+                                            "grid-0000.png"]
+    parent_pixels_ = read_image(parent)[0]
+    for kid in kids:
+        r = recipe_of(kid)
+        assert r["operation"] == verb and lineage(r) == ["sample", verb]
+        assert r["parent"]["file"] == Path(parent).name and r["parent"]["sha256"] == pixels_hash(parent_pixels_)
+        assert r["parent"]["recipe"] == recipe_of(parent)
+        assert {k: r[k] for k in expected} == expected
+        assert f"Operation: {verb}" in read_image(kid)[1]["parameters"]
+    if verb == "upscale":
+        assert "upscaled 2x by Lanczos resampling, then img2img at strength 0.3" in err
+    code, again, err = run(capsys, "sample", "--from", kids[1], "--model", model_dir, "--outdir", tmp_path / "re",
+                           "--quiet")
+    assert code == 0, err
+    assert open(again[0], "rb").read() == open(kids[1], "rb").read() and "identical to" in err
+
+
+def test_help_says_how_upscale_works(capsys):
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Lanczos resampling to 2x, then img2img" in text and "adds no real detail" in text
 
 
 def test_an_image_from_elsewhere_is_fitted_and_kept_in_the_recipe(capsys, model_dir, tmp_path):
@@ -214,12 +363,54 @@ def test_an_image_from_elsewhere_is_fitted_and_kept_in_the_recipe(capsys, model_
 
 
 # ----------------------------------------------------------------------------
+# teaching views
+
+def test_explain_writes_noising_schedules_and_a_trajectory(capsys, model_dir, tmp_path):
+    code, few, err = run(capsys, "explain", "--model", model_dir, "--outdir", tmp_path / "a", "--t", "0,500",
+                         "--steps", "2")
+    assert code == 0, err
+    assert [Path(p).name for p in few] == ["noising.png", "schedules.png", "trajectory.png"]
+    code, more, err = run(capsys, "explain", "--model", model_dir, "--outdir", tmp_path / "b", "--t", "0,250,500,1000",
+                          "--steps", "4")
+    assert code == 0, err
+    (noising, curves, strip), (noising4, _, strip4) = ([read_image(p)[0] for p in ps] for ps in (few, more))
+    assert noising4.shape[1] > noising.shape[1] and noising4.shape[0] == noising.shape[0]   # a column per t
+    assert strip4.shape[1] > strip.shape[1]                                                 # a column per step
+    for name, color in explain.CURVE_COLORS.items():     # both panels draw a curve per schedule (the legend is 84 px)
+        assert (curves == color).all(axis=-1).sum() > 500, name
+
+
+def test_explain_without_a_model_writes_the_views_it_can(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("npdiff.model.DEFAULT_MODEL_DIR", tmp_path / "weights")
+    code, paths, err = run(capsys, "explain", "--outdir", tmp_path / "e", "--t", "0,1000")
+    assert code == 0, err
+    assert [Path(p).name for p in paths] == ["noising.png", "schedules.png"]
+    assert err.strip() == "no model installed: trajectory.png needs one (pass --model)"
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["noising.png", "schedules.png"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--t", "0,2000"], "--t 0,2000 must hold values from 0 (clean) to 1000"),
+    (["--t", "a,b"], "--t 'a,b' must be comma-separated integers"),
+    (["--sampler", "plms"], "unknown sampler 'plms'"),
+    (["--steps", "0"], "--steps 0 is out of range"),
+    (["--image", "missing.png"], "missing.png does not exist"),
+])
+def test_bad_explain_arguments(capsys, model_dir, tmp_path, argv, fragment):
+    code, _, err = run(capsys, "explain", *argv, "--model", model_dir, "--outdir", tmp_path / "e")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------
 # bad input: one line, exit code 2, nothing written
 
 @pytest.mark.parametrize("argv, fragment", [
     (["a red circle --sampler plms"], "unknown sampler 'plms'"),
     (["a red circle", "--sampler", "plms"], "unknown sampler 'plms'"),
     (["a red circle --ar 100:1"], "--ar 100:1"),
+    (["a red circle", "--ar", "100:1"], "--ar 100:1"),
+    (["a red circle", "--ar", "16x9"], "--ar '16x9' is not a width:height ratio"),
     (["a red circle", "--steps", "0"], "--steps 0 is out of range"),
     (["a red circle --steps 0"], "--steps 0 is out of range"),
     (["a red circle --stylize 100"], "unknown inline parameter --stylize"),
@@ -228,10 +419,32 @@ def test_an_image_from_elsewhere_is_fitted_and_kept_in_the_recipe(capsys, model_
     (["a red circle", "-n", "0"], "-n 0"),
     (["a red circle", "--cfg", "nan"], "--cfg nan"),
     (["a red circle", "--backend", "tpu"], "unknown kernel backend 'tpu'"),
+    (["a red circle --backend tpu"], "unknown kernel backend 'tpu'"),
+    (["a red circle --backend cpu", "--backend", "reference"], "--backend is given twice"),
+    (["a red circle", "--trajectory", "steps.png"], "--trajectory steps.png must end in .gif"),
     (["a red circle", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ])
-def test_bad_sample_arguments(capsys, model_dir, tmp_path, argv, fragment):
+def test_bad_sample_arguments(capsys, model_dir, tmp_path, keep_backend, argv, fragment):
     code, _, err = run(capsys, "sample", *argv, "--model", model_dir, "--outdir", tmp_path / "o", "--quiet")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["vary", "PARENT", "--strength", "medium"], "--strength 'medium' is not subtle, strong or a number in (0, 1]"),
+    (["vary", "PARENT", "--strength", "0"], "--strength '0' is not subtle, strong or a number in (0, 1]"),
+    (["vary", "PARENT", "--prompt", "a red circle --ar 2:1"], "--ar is for sample only"),
+    (["remix", "PARENT", "a red circle --sampler plms"], "unknown sampler 'plms'"),
+    (["remix", "PARENT", "a red circle --steps 0"], "--steps 0 is out of range"),
+    (["zoom-out", "PARENT", "--factor", "1"], "--factor 1.0 is out of range"),
+    (["pan", "PARENT", "--direction", "left", "--amount", "0"], "--amount 0.0 is out of range"),
+    (["upscale", "PARENT", "--strength", "2"], "--strength 2.0 is out of range"),
+    (["inpaint", "PARENT", "--mask", "CORRUPT", "a red circle"], "corrupt.png is not a readable image"),
+])
+def test_bad_edit_arguments(capsys, model_dir, parent, tmp_path, argv, fragment):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    argv = [{"PARENT": parent, "CORRUPT": tmp_path / "corrupt.png"}.get(a, a) for a in argv]
+    code, _, err = run(capsys, *argv, "--model", model_dir, "--outdir", tmp_path / "o", "--quiet")
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "o").exists()
 
@@ -242,6 +455,53 @@ def test_unwritable_output_folder(capsys, model_dir, tmp_path):
                        *FAST)
     assert_one_line_error(code, err, "is not a folder")
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_folder_that_cannot_be_made(capsys, model_dir, monkeypatch):
+    """/proc takes no new folder, even from root, for whom access() calls every folder writable: the
+    check tries a real write. If writing fails only after the check, the error is the same one line."""
+    target = Path("/proc/npdiff-outputs")
+    code, _, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", target, *FAST)
+    assert_one_line_error(code, err, "output folder /proc is not writable")
+    monkeypatch.setattr(cli, "_check_outdir", lambda path: None)
+    code, _, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", target, *FAST)
+    assert_one_line_error(code, err, "cannot write to /proc/npdiff-outputs", "no file of this batch was kept")
+    assert not target.exists()
+
+
+def test_a_write_that_fails_midway_keeps_no_part_of_the_batch(capsys, model_dir, tmp_path, monkeypatch):
+    real, calls = cli._write_new, []
+
+    def disk_full_at_the_grid(outdir, *args):
+        calls.append(outdir)
+        if len(calls) == 3:                              # after both images, at the grid
+            raise OSError(errno.ENOSPC, "No space left on device", str(outdir / "grid-0000.png"))
+        return real(outdir, *args)
+
+    monkeypatch.setattr(cli, "_write_new", disk_full_at_the_grid)
+    code, _, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path / "o", "-n", "2",
+                       *FAST)
+    assert_one_line_error(code, err, "grid-0000.png (No space left on device); no file of this batch was kept")
+    assert len(calls) == 3 and not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "00000-1.png").write_bytes(b"an earlier image")
+    calls.clear()
+    code, _, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path / "kept",
+                       "-n", "2", *FAST)
+    assert code == 2 and [p.name for p in (tmp_path / "kept").iterdir()] == ["00000-1.png"]
+
+
+def test_no_default_model(capsys, monkeypatch, tmp_path, parent):
+    """Until a model ships in npdiff/weights/, the commands that need one say how to get one."""
+    for weights in (tmp_path / "absent", tmp_path / "empty"):
+        if weights.name == "empty":
+            weights.mkdir()
+        monkeypatch.setattr("npdiff.model.DEFAULT_MODEL_DIR", weights)
+        for argv in (["sample", "a red circle"], ["vary", parent], ["sample", "--from", parent]):
+            code, _, err = run(capsys, *argv, "--outdir", tmp_path / "o", "--quiet")
+            assert_one_line_error(code, err, "no default model is installed", "npdiff train", "--model")
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_and_corrupt_images(capsys, model_dir, tmp_path):
@@ -310,6 +570,18 @@ def test_corrupt_and_mismatched_weights(capsys, model_dir, tmp_path):
     (mismatched / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "sample", "a red circle", "--model", mismatched, "--outdir", tmp_path / "o", *FAST)
     assert_one_line_error(code, err, "does not match its config")
+
+    reshaped = tmp_path / "reshaped"                     # the config is right, a tensor in the weights is not
+    shutil.copytree(model_dir, reshaped)
+    tensors = load_tensors(reshaped / "model.safetensors")
+    name, gone = sorted(k for k, v in tensors.items() if v.ndim == 4)[:2]
+    want = tensors[name].shape
+    tensors[name] = np.zeros(want[:-1] + (want[-1] + 1,), np.float32)
+    del tensors[gone]
+    save_tensors(reshaped / "model.safetensors", tensors)
+    code, _, err = run(capsys, "sample", "a red circle", "--model", reshaped, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, f"{name} has shape {tensors[name].shape}, the config expects {want}",
+                          f"missing {gone}")
 
     code, _, err = run(capsys, "sample", "a red circle", "--model", tmp_path / "absent", "--outdir", tmp_path / "o")
     assert_one_line_error(code, err, "does not exist")

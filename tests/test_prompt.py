@@ -18,6 +18,7 @@ from npdiff.text.prompt import PromptError, format_prompt, parse_prompt
     ("a cat --no red,  blue ,green --seed -1", "a cat", {"negative_prompt": "red, blue, green", "seed": -1}),
     ("a cat --no dark   background", "a cat", {"negative_prompt": "dark background"}),
     ("a cat --seed=5 --AR=3:2", "a cat", {"seed": 5, "ar": (3, 2)}),
+    ("a cat --backend Reference", "a cat", {"backend": "reference"}),
     ("a cat \u2014ar 2:3 \u2014seed 1", "a cat", {"ar": (2, 3), "seed": 1}),     # em dashes from autocorrect
     ("--seed 9", "", {"seed": 9}),
     ("a red-blue circle -- not a parameter", "a red-blue circle -- not a parameter", {}),
@@ -61,6 +62,7 @@ params = st.fixed_dictionaries({}, optional={
     "negative_prompt": negative,
     "chaos": st.integers(0, 100),
     "n": st.integers(1, 16),
+    "backend": st.sampled_from(["cpu", "reference", "cuda"]),
 })
 
 

@@ -15,6 +15,7 @@ steps) are the caller's to check, where the command-line flags are checked too.
     --no a, b                    "negative_prompt"   str "a, b" (words of the comma list, joined)
     --chaos N                    "chaos"             int (0-100 by convention)
     --n N                        "n"                 int
+    --backend NAME               "backend"           str, lowercase (cpu, reference, cuda)
 
 The keys are the command line's argument names (argparse dests), so a caller can
 merge the two. format_prompt() writes a (prompt, params) pair back as text;
@@ -81,6 +82,7 @@ PARAMETERS = {
     "no": ("negative_prompt", _word_list, True),
     "chaos": ("chaos", _int, False),
     "n": ("n", _int, False),
+    "backend": ("backend", _name, False),
 }
 
 # a parameter starts where "--name" starts a word: at the beginning or after whitespace
@@ -117,9 +119,9 @@ def parse_prompt(text: str) -> tuple[str, dict]:
 
 
 EXAMPLES = {"ar": (16, 9), "seed": 42, "steps": 25, "sampler": "dpmpp-2m", "cfg": 7.5,
-            "negative_prompt": "red, blue", "chaos": 50, "n": 4}
+            "negative_prompt": "red, blue", "chaos": 50, "n": 4, "backend": "cpu"}
 _INLINE_NAME = {"ar": "ar", "seed": "seed", "steps": "steps", "sampler": "sampler", "cfg": "cfg",
-                "negative_prompt": "no", "chaos": "chaos", "n": "n"}
+                "negative_prompt": "no", "chaos": "chaos", "n": "n", "backend": "backend"}
 
 
 def format_prompt(prompt: str, params: dict) -> str:
