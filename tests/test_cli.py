@@ -197,6 +197,32 @@ def test_from_recreates_images_and_grids_byte_for_byte(capsys, model_dir, tmp_pa
         assert "identical to" in err
 
 
+def test_from_reports_how_far_a_remake_is_from_the_file(capsys, model_dir, tmp_path):
+    made = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "3", "-n", "1")[0]
+    pixels, text = read_image(made)
+    pixels = pixels.copy()
+    pixels[5, 7] = np.where(pixels[5, 7] < 128, pixels[5, 7] + 3, pixels[5, 7] - 3)   # an edited pixel, recipe kept
+    save_png(tmp_path / "edited.png", pixels, text)
+    code, again, err = run(capsys, "sample", "--from", tmp_path / "edited.png", "--model", model_dir,
+                           "--outdir", tmp_path / "re", "--quiet")
+    assert code == 0, err
+    assert "NOT identical to" in err and "pixels differ by up to 3 of 255 levels" in err
+    assert open(again[0], "rb").read() == open(made, "rb").read()
+
+
+def test_from_on_another_backend_is_within_the_stated_tolerance(capsys, model_dir, tmp_path, keep_backend):
+    """tests/test_pipeline.py states it: the reference and cpu kernels agree to one 8-bit level."""
+    made = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "3", "-n", "2", "--backend", "cpu")[1]
+    code, again, err = run(capsys, "sample", "--from", made, "--backend", "reference", "--model", model_dir,
+                           "--outdir", tmp_path / "re", "--quiet")
+    assert code == 0, err
+    levels = np.abs(read_image(again[0])[0].astype(int) - read_image(made)[0].astype(int)).max()
+    print(f"reference vs cpu through sample --from: {levels} levels; stderr: {err.strip()}")
+    assert levels <= 1
+    if levels:
+        assert f"pixels differ by up to {levels} of 255 levels" in err
+
+
 def test_chaos_spreads_the_guidance_scales(capsys, model_dir, tmp_path):
     paths = sample(capsys, model_dir, tmp_path, "a red circle", "--seed", "1", "--cfg", "5", "--chaos", "100")
     scales = [re.search(r"CFG scale: ([\d.]+)", read_image(p)[1]["parameters"]).group(1) for p in paths[:4]]
