@@ -50,6 +50,21 @@ class ModelConfig:
         plain = {k.name: d[k.name] for k in dataclasses.fields(cls) if k.name in d and k.name not in ("unet", "text_encoder")}
         return cls(**plain, unet=UNetConfig.from_dict(d["unet"]), text_encoder=TextEncoderConfig.from_dict(d["text_encoder"]))
 
+    def validate(self) -> None:
+        """Raise ValueError (or TypeError, for a value of the wrong kind) unless this config describes a
+        model that can be built: a hand-edited or damaged config.json is caught here, not mid-sample."""
+        for name in ("resolution", "max_length", "num_timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of 8")
+        if self.prediction not in ("eps", "x0", "v"):
+            raise ValueError(f"prediction {self.prediction!r} is not one of eps, x0, v")
+        self.schedule()
+        self.unet.validate()
+        self.text_encoder.validate()
+
     @property
     def prediction_type(self) -> Prediction:
         return {"eps": Prediction.EPS, "x0": Prediction.X0, "v": Prediction.V}[self.prediction]
@@ -109,17 +124,24 @@ class Model:
         path = Path(path)
         if not path.is_dir():
             raise ckpt.CheckpointError(f"model folder {path} does not exist; pass --model with a folder made by `npdiff train`")
+        raw = ckpt.load_json(path / ckpt.CONFIG_FILE)
         try:
-            config = ModelConfig.from_dict(ckpt.load_json(path / ckpt.CONFIG_FILE))
-        except (KeyError, TypeError) as e:
+            config = ModelConfig.from_dict(raw)
+            config.validate()
+            expected = cls(config, None, {}).expected_shapes()
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path / ckpt.CONFIG_FILE} is missing or has a wrong field ({e}); re-save the model") from None
         tok_path = path / ckpt.TOKENIZER_FILE
         if not tok_path.is_file():
             raise ckpt.CheckpointError(f"{tok_path} does not exist; a model folder needs its tokenizer.json")
         tokenizer = load_tokenizer(tok_path)
+        if tokenizer.vocab_size != config.text_encoder.vocab_size:
+            raise ckpt.CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens, {path / ckpt.CONFIG_FILE} expects "
+                                       f"{config.text_encoder.vocab_size}; use the tokenizer.json saved with this model")
         params = ckpt.load_tensors(path / weights_file)
-        model = cls(config, tokenizer, {})
-        ckpt.check_tensors(params, model.expected_shapes(), str(path / weights_file))
+        ckpt.check_tensors(params, expected, str(path / weights_file))
         params = {k: v.astype(dtype, copy=False) for k, v in params.items()}
         return cls(config, tokenizer, params)
 

@@ -14,8 +14,10 @@ from PIL import Image
 from npdiff import cli, explain, kernels
 from npdiff.checkpoint import load_tensors, save_tensors
 from npdiff.cli import main
+from npdiff.data.shapes import caption_corpus
 from npdiff.imaging import read_image, save_png
 from npdiff.provenance import lineage, parent_pixels, pixels_hash, read_recipe
+from npdiff.text.tokenizer import train_tokenizer
 from a1111 import a1111_read
 from tiny_model import save_tiny_model, tiny_model
 
@@ -608,6 +610,25 @@ def test_corrupt_and_mismatched_weights(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "sample", "a red circle", "--model", reshaped, "--outdir", tmp_path / "o", *FAST)
     assert_one_line_error(code, err, f"{name} has shape {tensors[name].shape}, the config expects {want}",
                           f"missing {gone}")
+
+    for field, value, message in [("resolution", "big", "resolution must be a positive whole number, not 'big'"),
+                                  ("prediction", "score", "prediction 'score' is not one of eps, x0, v"),
+                                  ("beta_schedule", "quadratic", "unknown beta schedule 'quadratic'")]:
+        damaged = tmp_path / f"config-{field}"         # a hand-edited config.json: refused on loading, not mid-sample
+        shutil.copytree(model_dir, damaged)
+        config = json.loads((damaged / "config.json").read_text())
+        config[field] = value
+        (damaged / "config.json").write_text(json.dumps(config))
+        code, _, err = run(capsys, "sample", "a red circle", "--model", damaged, "--outdir", tmp_path / "o", *FAST)
+        assert_one_line_error(code, err, "config.json is missing or has a wrong field", message)
+
+    swapped = tmp_path / "swapped"                       # another model's tokenizer.json
+    shutil.copytree(model_dir, swapped)
+    vocab = json.loads((swapped / "config.json").read_text())["text_encoder"]["vocab_size"]
+    other = train_tokenizer(caption_corpus(300, seed=0), vocab_size=vocab + 64)
+    (swapped / "tokenizer.json").write_text(other.to_str())
+    code, _, err = run(capsys, "sample", "a red circle", "--model", swapped, "--outdir", tmp_path / "o", *FAST)
+    assert_one_line_error(code, err, f"has {other.vocab_size} tokens", f"expects {vocab}")
 
     code, _, err = run(capsys, "sample", "a red circle", "--model", tmp_path / "absent", "--outdir", tmp_path / "o")
     assert_one_line_error(code, err, "does not exist")
