@@ -63,12 +63,16 @@ def shipped_configs():
     return unet, text, a.resolution, m.max_length
 
 
-def _keep(a):
-    """A copy with the same memory order (a transposed view stays transposed)."""
+def _keep(a, rng):
+    """A copy with the same memory order (a transposed view stays transposed). An all-zero float
+    array (ADM starts some weights at zero) gets random values, so that validation sees nonzero
+    outputs and gradients."""
     if not isinstance(a, np.ndarray):
         return a
     b = np.empty_like(a, order="K")
     b[...] = a
+    if b.dtype.kind == "f" and not b.any():
+        b[...] = 0.1 * rng.standard_normal(b.shape)
     return b
 
 
@@ -85,13 +89,14 @@ def record_cases(N, seed=0):
     unet_cfg, text_cfg, side, L = shipped_configs()
     backend = kernels.set_backend("cpu")
     cases, current, image = {}, {"net": None}, {"x": None}
+    fill = np.random.default_rng(seed + 1)
     originals = {name: getattr(backend, name) for name in FORWARD_KERNELS}
 
     def wrap(name, fn):
         def recorded(*args):
             key = (current["net"], name, tuple(_describe(a) for a in args))
             if key not in cases:
-                cases[key] = {"net": current["net"], "kernel": name, "args": [_keep(a) for a in args],
+                cases[key] = {"net": current["net"], "kernel": name, "args": [_keep(a, fill) for a in args],
                               "calls": 0, "need_dx": args[0] is not image["x"]}
             cases[key]["calls"] += 1
             return fn(*args)
@@ -117,6 +122,11 @@ def record_cases(N, seed=0):
 
 def label(case):
     k, a = case["kernel"], case["args"]
+    views = any(isinstance(x, np.ndarray) and not x.flags.c_contiguous for x in a)
+    return _label(k, a) + (" (view)" if views else "")
+
+
+def _label(k, a):
     if k == "conv2d_forward":
         x, w, _, stride, _ = a
         return (f"conv{w.shape[2]}x{w.shape[3]} {x.shape[1]}->{w.shape[0]} {x.shape[2]}x{x.shape[3]}"
