@@ -430,7 +430,7 @@ def _read_mask(mask_path: str, image_path: Path, pixels) -> str:
     return pixels_to_text(redraw)
 
 
-def _check_outdir(path: Path) -> None:
+def _check_outdir(path: Path, flag: str = "--outdir") -> None:
     """Fail before any work if `path` cannot become a writable folder (it is created only when writing)."""
     probe = path
     while not probe.exists():
@@ -438,14 +438,14 @@ def _check_outdir(path: Path) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"cannot write to {path}: {probe} is not a folder; choose another --outdir")
+        raise UsageError(f"cannot write to {path}: {probe} is not a folder; choose another {flag}")
     import tempfile
     try:                                       # a real write: access() says yes to root on /proc or a read-only mount
         fd, tmp = tempfile.mkstemp(prefix=".npdiff-probe-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UsageError(f"output folder {probe} is not writable ({e.strerror}); choose another --outdir") from None
+        raise UsageError(f"output folder {probe} is not writable ({e.strerror}); choose another {flag}") from None
 
 
 def _check_output_file(path: Path, suffix: str, flag: str) -> None:
@@ -453,7 +453,9 @@ def _check_output_file(path: Path, suffix: str, flag: str) -> None:
         raise UsageError(f"{flag} {path} must end in {suffix}")
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
-    _check_outdir(path.parent)
+    if not path.parent.is_dir():                # files are written beside their final name, so the folder must be there
+        raise UsageError(f"{flag} {path}: there is no folder {path.parent}; create it or choose another path")
+    _check_outdir(path.parent, flag)
 
 
 def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajectory: str | None = None,
@@ -503,7 +505,7 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
         if made and outdir.is_dir() and not any(outdir.iterdir()):
             outdir.rmdir()
         raise UsageError(f"cannot write to {e.filename or outdir} ({e.strerror or e}); no file of this batch was "
-                         "kept; choose another --outdir") from None
+                         "kept; free some space or choose another folder") from None
     if quiet_paths:
         return paths
     for p in paths:

@@ -138,8 +138,9 @@ class Model:
             raise ckpt.CheckpointError(f"{tok_path} does not exist; a model folder needs its tokenizer.json")
         tokenizer = load_tokenizer(tok_path)
         if tokenizer.vocab_size != config.text_encoder.vocab_size:
-            raise ckpt.CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens, {path / ckpt.CONFIG_FILE} expects "
-                                       f"{config.text_encoder.vocab_size}; use the tokenizer.json saved with this model")
+            raise ckpt.CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens, {path / ckpt.CONFIG_FILE} "
+                                       f"expects {config.text_encoder.vocab_size}; use the tokenizer.json saved with "
+                                       "this model")
         params = ckpt.load_tensors(path / weights_file)
         ckpt.check_tensors(params, expected, str(path / weights_file))
         params = {k: v.astype(dtype, copy=False) for k, v in params.items()}

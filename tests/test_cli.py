@@ -450,6 +450,7 @@ def test_bad_explain_arguments(capsys, model_dir, tmp_path, argv, fragment):
     (["a red circle --backend tpu"], "unknown kernel backend 'tpu'"),
     (["a red circle --backend cpu", "--backend", "reference"], "--backend is given twice"),
     (["a red circle", "--trajectory", "steps.png"], "--trajectory steps.png must end in .gif"),
+    (["a red circle", "--trajectory", "/no-such-folder/t.gif"], "there is no folder /no-such-folder"),
     (["a red circle", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ])
 def test_bad_sample_arguments(capsys, model_dir, tmp_path, keep_backend, argv, fragment):
