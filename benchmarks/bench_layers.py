@@ -339,7 +339,8 @@ def sgemm_peak(repeats=5):
 def run_cases(cases, backends, torch, repeats, train):
     rows = []
     rng = np.random.default_rng(1)
-    for case in cases:
+    for i, case in enumerate(cases):
+        print(f"  {i + 1}/{len(cases)} {case['net']} {label(case)}", file=sys.stderr, flush=True)
         y0 = getattr(ref, case["kernel"])(*case["args"])
         y0 = y0 if isinstance(y0, np.ndarray) else y0[0]
         dy = rng.standard_normal(y0.shape).astype(np.float32)
