@@ -321,9 +321,8 @@ def _load_model(arg) -> _Loaded:
 def _settings(args, prompt_text: str, *, inherit: dict | None = None, n_default: int = 4, extra=()) -> tuple[str, dict]:
     """The prompt without its inline parameters, and every setting: a flag, else the same parameter
     inline, else the parent's recipe, else the default. A flag and an inline value that disagree are an error."""
-    import math
-
     from npdiff.pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from npdiff.provenance import RANGES
     from npdiff.samplers import SAMPLERS
     from npdiff.text.prompt import parse_prompt
 
@@ -348,19 +347,14 @@ def _settings(args, prompt_text: str, *, inherit: dict | None = None, n_default:
                 else default
     if s["sampler"] not in SAMPLERS:
         raise UsageError(f"unknown sampler {s['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= s["steps"] <= 1000:
-        raise UsageError(f"--steps {s['steps']} is out of range; use 1 to 1000")
-    if not 1 <= s["n"] <= 64:
-        raise UsageError(f"-n {s['n']} is out of range; use 1 to 64")
-    if not 0 <= s["chaos"] <= 100:
-        raise UsageError(f"--chaos {s['chaos']} is out of range; use 0 to 100")
-    if not (math.isfinite(s["cfg"]) and 0.0 <= s["cfg"] <= 30.0):
-        raise UsageError(f"--cfg {s['cfg']} is out of range; use 0 to 30 (1 turns guidance off)")
     if s["seed"] is None:
         import numpy as np
         s["seed"] = int(np.random.default_rng().integers(0, 2**31 - 1))
-    if not 0 <= s["seed"] < 2**63 - 64:
-        raise UsageError(f"--seed {s['seed']} is out of range; use 0 to 2^63 - 65")
+    for key, flag, hint in (("steps", "--steps", ""), ("n", "-n", ""), ("chaos", "--chaos", ""),
+                            ("cfg", "--cfg", " (1 turns guidance off)"), ("seed", "--seed", "")):
+        lo, hi = RANGES[key]
+        if not lo <= s[key] <= hi:                       # a NaN guidance scale fails this too
+            raise UsageError(f"{flag} {s[key]} is out of range; use {lo} to {hi}{hint}")
     return prompt, s
 
 

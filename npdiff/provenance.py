@@ -160,6 +160,10 @@ def read_recipe(text_chunks: dict[str, str], source: str) -> dict:
     return recipe
 
 
+# the values each numeric setting may take, in a recipe and on the command line alike (image i of a batch
+# has seed + i, which must stay below 2^63)
+RANGES = {"steps": (1, 1000), "n": (1, 64), "chaos": (0, 100), "cfg": (0, 30), "seed": (0, 2**63 - 65)}
+
 _REQUIRED = {"format": str, "operation": str, "prompt": str, "negative_prompt": str, "seed": int, "n": int,
              "steps": int, "sampler": str, "cfg": (int, float), "chaos": int, "width": int, "height": int,
              "model_hash": str, "backend": str, "dtype": str}
@@ -177,6 +181,10 @@ def check_recipe(recipe, source: str) -> None:
         raise RecipeError(f"{source} has an npdiff recipe with unknown operation {recipe['operation']!r}")
     if recipe["sampler"] not in A1111_SAMPLERS:
         raise RecipeError(f"{source} has an npdiff recipe with unknown sampler {recipe['sampler']!r}")
+    for key, (lo, hi) in RANGES.items():
+        if not lo <= recipe[key] <= hi:
+            raise RecipeError(f"{source} has an npdiff recipe whose {key} {recipe[key]!r} is not in {lo}..{hi}; "
+                              "the recipe is damaged")
     index = recipe.get("index")
     if index is not None and not (isinstance(index, int) and 0 <= index < recipe["n"]):
         raise RecipeError(f"{source} has an npdiff recipe whose index {index!r} is not in 0..{recipe['n'] - 1}")

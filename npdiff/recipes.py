@@ -153,11 +153,14 @@ def run_recipe(recipe: dict, pipe, *, progress: bool = True, callback=None, sour
     common = dict(negative_prompt=recipe["negative_prompt"], seed=recipe["seed"], steps=recipe["steps"],
                   guidance_scale=recipe["cfg"], chaos=recipe["chaos"], progress=progress, callback=callback)
     strength = recipe.get("strength")
+    resolution = pipe.model.config.resolution
+    check_size(recipe["width"], recipe["height"], resolution, f"{source}'s recipe")
     if op == "sample" or (op == "remix" and strength is None):
         images = pipe.generate(prompts, sampler=recipe["sampler"], width=recipe["width"], height=recipe["height"],
                                **common)
     else:
         parent = parent_pixels(recipe, source)
+        _check_edit(recipe, parent, resolution, source)
         if op in ("vary", "remix"):
             images = pipe.img2img(parent, prompts, strength=strength, sampler=recipe["sampler"], **common)
         elif op == "upscale":
@@ -181,3 +184,37 @@ def run_recipe(recipe: dict, pipe, *, progress: bool = True, callback=None, sour
         raise RecipeError(f"{source}: the recipe says {recipe['width']}x{recipe['height']} but makes "
                           f"{images.shape[2]}x{images.shape[1]}; it is damaged")
     return images
+
+
+def _check_edit(recipe: dict, parent: np.ndarray, resolution: int, source: str) -> None:
+    """What an edit reads from its recipe, checked before any work: a recipe read back from a file may
+    have been edited by hand (the command line checks the same values as flags)."""
+    op = recipe["operation"]
+
+    def number(key, lo, hi, low_open=True):
+        value = recipe.get(key)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not (lo < value <= hi if low_open else lo <= value <= hi)):
+            raise RecipeError(f"{source} has a {op} recipe whose {key} {value!r} is not a number in "
+                              f"{'(' if low_open else '['}{lo}, {hi}]; the recipe is damaged")
+
+    check_size(parent.shape[1], parent.shape[0], resolution, f"{source}'s parent image")
+    if op in ("vary", "remix"):
+        number("strength", 0, 1)
+    elif op == "upscale":
+        number("strength", 0, 1, low_open=False)
+    elif op == "zoom-out":
+        number("factor", 1, 4)
+    elif op == "pan":
+        number("amount", 0, 1)
+        if recipe.get("direction") not in PAN_DIRECTIONS:
+            raise RecipeError(f"{source} has a pan recipe whose direction {recipe.get('direction')!r} is not one "
+                              f"of {', '.join(PAN_DIRECTIONS)}; the recipe is damaged")
+    elif op == "inpaint":
+        mask = pixels_from_text(recipe["mask"]) if isinstance(recipe.get("mask"), str) else None
+        if mask is None or mask.shape != parent.shape[:2]:
+            raise RecipeError(f"{source} has an inpaint recipe whose mask is missing or not of its parent's size; "
+                              "the recipe is damaged")
+    if output_size(op, parent, recipe) != (recipe["width"], recipe["height"]):
+        raise RecipeError(f"{source}: the recipe says {recipe['width']}x{recipe['height']} but its {op} of a "
+                          f"{parent.shape[1]}x{parent.shape[0]} parent makes another size; it is damaged")

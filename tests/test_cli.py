@@ -558,6 +558,36 @@ def test_image_without_or_with_a_damaged_recipe(capsys, model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("verb, field, value, fragment", [
+    ("sample", "width", 512, "edited.png's recipe would be 512x16 pixels"),
+    ("sample", "steps", 0, "whose steps 0 is not in 1..1000; the recipe is damaged"),
+    ("sample", "seed", -1, "whose seed -1 is not in 0.."),
+    ("vary", "strength", 0, "vary recipe whose strength 0 is not a number in (0, 1]"),
+    ("zoom-out", "factor", 1000, "zoom-out recipe whose factor 1000 is not a number in (1, 4]"),
+    ("pan", "direction", "sideways", "pan recipe whose direction 'sideways' is not one of left, right, up, down"),
+    ("pan", "width", 32, "the recipe says 32x16 but its pan of a 16x16 parent makes another size"),
+    ("inpaint", "mask", None, "inpaint recipe whose mask is missing or not of its parent's size"),
+])
+def test_from_refuses_a_hand_edited_recipe(capsys, model_dir, parent, tmp_path, verb, field, value, fragment):
+    """A recipe is checked before any work, so an edited one is one line, not a traceback or a huge allocation."""
+    made = parent
+    if verb != "sample":
+        mask = np.full((16, 16, 3), 255, np.uint8)
+        save_png(tmp_path / "mask.png", mask)
+        own = {"vary": [], "zoom-out": [], "pan": ["--direction", "left"],
+               "inpaint": ["--mask", tmp_path / "mask.png", "a red circle"]}[verb]
+        made = run(capsys, verb, parent, *own, "--model", model_dir, "--outdir", tmp_path / "kids", "-n", "1",
+                   *FAST)[1][0]
+    pixels, text = read_image(made)
+    recipe = json.loads(text["npdiff"])
+    recipe[field] = value
+    save_png(tmp_path / "edited.png", pixels, {**text, "npdiff": json.dumps(recipe)})
+    code, _, err = run(capsys, "sample", "--from", tmp_path / "edited.png", "--model", model_dir,
+                       "--outdir", tmp_path / "o", "--quiet")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
 def test_mask_of_the_wrong_size_or_empty(capsys, model_dir, tmp_path):
     parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
     save_png(tmp_path / "big.png", np.full((20, 16, 3), 255, np.uint8))

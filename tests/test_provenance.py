@@ -57,6 +57,9 @@ def test_recipe_round_trips_through_a_png(tmp_path):
     (lambda r: json.dumps({**r, "steps": "25"}), "'steps' is missing or of the wrong type"),
     (lambda r: json.dumps({**r, "sampler": "plms"}), "unknown sampler 'plms'"),
     (lambda r: json.dumps({**r, "index": 7}), "index 7 is not in 0..3"),
+    (lambda r: json.dumps({**r, "steps": 0}), "steps 0 is not in 1..1000"),
+    (lambda r: json.dumps({**r, "cfg": float("nan")}), "cfg nan is not in 0..30"),
+    (lambda r: json.dumps({**r, "n": 65}), "n 65 is not in 1..64"),
     (lambda r: json.dumps({**r, "operation": "vary"}), "names no parent image"),
 ])
 def test_damaged_recipes_are_refused(damage, message):
