@@ -47,11 +47,24 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], dtype=np.float3
     return np.stack([np.random.default_rng(s).standard_normal(shape).astype(dtype) for s in seeds])
 
 
+def _on_cuda() -> bool:
+    from npdiff.kernels import backend_name
+    return backend_name() == "cuda"
+
+
 class Pipeline:
     def __init__(self, model: Model):
         self.model = model
         self.schedule = model.config.schedule()
         self.dtype = next(iter(model.params.values())).dtype.type if model.params else np.float32
+        self._device_model = None
+
+    def _device(self):
+        """The model on the CUDA device (npdiff/cuda_pipeline.py), its parameters copied in once."""
+        if self._device_model is None:
+            from npdiff.cuda_pipeline import DeviceModel
+            self._device_model = DeviceModel(self.model)
+        return self._device_model
 
     # -- the guided model function --------------------------------------------------------------
     def model_fn(self, prompts: list[str], negative_prompt: str, guidance_scale, rescale: float = 0.0):
@@ -59,6 +72,8 @@ class Pipeline:
         guidance_scale: one float, or one per prompt (N,)."""
         n = len(prompts)
         scales = np.broadcast_to(np.asarray(guidance_scale, dtype=np.float64), (n,))
+        if _on_cuda() and not rescale:                      # the same function, its forward pass on the device
+            return self._device().host_model_fn(prompts, negative_prompt, scales)
         context, mask, pooled, _ = self.model.encode_text(list(prompts) + [negative_prompt] * n)
 
         if np.all(scales == 1.0):                           # no guidance: the conditional half only
@@ -86,7 +101,14 @@ class Pipeline:
         x_T = initial_noise([seed + i for i in range(n)], (self.model.config.unet.in_channels, height, width),
                             self.dtype)
         rng = np.random.default_rng([seed, 1])              # the sampler's own noise (ancestral samplers)
-        model_fn = self.model_fn(prompts, negative_prompt, chaos_scales(guidance_scale, chaos, n))
+        scales = chaos_scales(guidance_scale, chaos, n)
+        if _on_cuda():                                      # the whole loop on the device: x_T in, x_0 out
+            with _Progress(steps, progress, callback) as cb:
+                x0 = self._device().sample(sampler, prompts, negative_prompt, scales, x_T, rng, self.schedule,
+                                           steps=steps, prediction=self.model.config.prediction_type,
+                                           clip_x0=True, callback=cb, copy_steps=callback is not None)
+            return x0 if return_float else to_uint8(x0)
+        model_fn = self.model_fn(prompts, negative_prompt, scales)
         with _Progress(steps, progress, callback) as cb:
             x0 = get_sampler(sampler)(model_fn, self.schedule, x_T, rng, steps=steps,
                                       prediction=self.model.config.prediction_type, clip_x0=True, callback=cb)

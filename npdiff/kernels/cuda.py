@@ -12,10 +12,11 @@ Two layers of API:
   kernels are not implemented on the GPU: they run the Numba CPU kernels on the host arrays, so
   training works with this backend but computes its gradients on the CPU.
 
-The kernels are the naive ones, written to be read: one output element per loop iteration, or one
-block per row for reductions (normalization statistics). Every loop over elements is a grid-stride
-loop, so a launch of any size covers any array; the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, which
-runs every thread as a Python thread) gets a tiny grid and walks the same code paths.
+The kernels are the naive ones, written to be read: one output element (or one row of
+normalization statistics) per loop iteration, no shared memory, no barriers. Every loop is a
+grid-stride loop, so a launch of any size covers any array; the CUDA simulator
+(NUMBA_ENABLE_CUDASIM=1, which runs every thread as a Python thread, and where a __syncthreads__
+costs milliseconds) gets a tiny grid and walks the same code paths.
 
 Float constants reach the kernels as arguments in the arrays' dtype (`one`, `eps`, coefficients):
 numba types a float literal as float64, and float64 arithmetic in a float32 kernel runs at a small
@@ -47,13 +48,11 @@ from npdiff.kernels.reference import conv2d_output_size  # noqa: F401  (same hel
 SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 if SIMULATOR:
     # one Python thread per simulated thread: a few threads walk the same grid-stride loops
-    THREADS_PER_BLOCK = 16  # threads of an element-wise block
+    THREADS_PER_BLOCK = 4  # threads of a block
     MAX_BLOCKS = 2  # grid-stride loops cover everything past MAX_BLOCKS * THREADS_PER_BLOCK
-    REDUCE_THREADS = 8  # threads reducing one row (a power of two)
 else:
     THREADS_PER_BLOCK = 256
     MAX_BLOCKS = 4096
-    REDUCE_THREADS = 128
 
 GELU_C1 = 0.7978845608028654  # sqrt(2 / pi), the tanh approximation of GELU (as in reference.py)
 GELU_C2 = 0.044715
@@ -93,11 +92,6 @@ def _launch(kernel, blocks, threads, *args):
 def _over_items(n):
     """(blocks, threads) for a grid-stride loop over n items."""
     return max(1, min(MAX_BLOCKS, -(-n // THREADS_PER_BLOCK))), THREADS_PER_BLOCK
-
-
-def _over_rows(rows):
-    """(blocks, threads) for one block of REDUCE_THREADS per row (grid-stride over rows)."""
-    return max(1, min(MAX_BLOCKS, rows)), REDUCE_THREADS
 
 
 def empty(shape, dtype):
@@ -149,24 +143,6 @@ def _sigmoid(v, one):
         return one / (one + math.exp(-v))
     e = math.exp(v)
     return e / (one + e)
-
-
-@cuda.jit(device=True)
-def _block_sum(partial, value):
-    """Sum of `value` over the REDUCE_THREADS threads of a block, returned to every thread
-    (tree reduction in shared memory; every thread of the block must call it)."""
-    tid = cuda.threadIdx.x
-    partial[tid] = value
-    cuda.syncthreads()
-    half = REDUCE_THREADS // 2
-    while half > 0:
-        if tid < half:
-            partial[tid] += partial[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    total = partial[0]
-    cuda.syncthreads()  # partial is reused by the next call
-    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,87 +236,77 @@ def linear(x, w, b=None, residual=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# normalization (Wu & He 2018; Ba et al. 2016), fused with ADM's scale-shift and SiLU
+# normalization (Wu & He 2018; Ba et al. 2016): row statistics, then an element-wise pass that
+# applies them, fused with ADM's scale-shift and SiLU for group norm
 
 
 @cuda.jit
-def _group_norm_kernel(x, gamma, beta, ss, y, mean, rstd, inv_count, eps, has_ss, act, one):
-    """One block per (n, g): mean and biased variance of the group's C/G channels x S2 positions
-    (two passes, as in reference.py), then
-      y = (x - mean) rstd gamma[c] + beta[c];  y = y (1 + ss[n, c]) + ss[n, C + c] if has_ss;
-      y = y sigmoid(y) if act (SiLU).
+def _row_stats_kernel(x, mean, rstd, inv_count, eps, one):
+    """mean and 1 / sqrt(biased variance + eps) of each row of x (R, M), in two passes as in
+    reference.py; one row per thread (no shared memory, no barriers: simple, and latency-bound on a
+    GPU when rows are few and long; a block-per-row tree reduction is the next step)."""
+    R, M = x.shape
+    zero = one - one
+    for row in range(cuda.grid(1), R, cuda.gridsize(1)):
+        acc = zero
+        for j in range(M):
+            acc += x[row, j]
+        m = acc * inv_count
+        acc = zero
+        for j in range(M):
+            d = x[row, j] - m
+            acc += d * d
+        mean[row] = m
+        rstd[row] = one / math.sqrt(acc * inv_count + eps)
+
+
+@cuda.jit
+def _group_norm_apply_kernel(x, gamma, beta, ss, mean, rstd, y, has_ss, act, one):
+    """y = (x - mean[n, g]) rstd[n, g] gamma[c] + beta[c], g = c // (C/G);
+    then y = y (1 + ss[n, c]) + ss[n, C + c] if has_ss, then y = y sigmoid(y) if act (SiLU).
     x, y (N, C, S2); ss (N, 2C); mean, rstd (N, G)."""
     N, C, S2 = x.shape
-    G = mean.shape[1]
-    Cg = C // G
-    count = Cg * S2
-    partial = cuda.shared.array(REDUCE_THREADS, dtype=x.dtype)
-    tid = cuda.threadIdx.x
-    zero = one - one
-    for row in range(cuda.blockIdx.x, N * G, cuda.gridDim.x):
-        n, g = row // G, row % G
-        c0 = g * Cg
-        acc = zero
-        for j in range(tid, count, REDUCE_THREADS):
-            acc += x[n, c0 + j // S2, j % S2]
-        m = _block_sum(partial, acc) * inv_count
-        acc = zero
-        for j in range(tid, count, REDUCE_THREADS):
-            d = x[n, c0 + j // S2, j % S2] - m
-            acc += d * d
-        r = one / math.sqrt(_block_sum(partial, acc) * inv_count + eps)
-        if tid == 0:
-            mean[n, g] = m
-            rstd[n, g] = r
-        for j in range(tid, count, REDUCE_THREADS):
-            c = c0 + j // S2
-            v = (x[n, c, j % S2] - m) * r * gamma[c] + beta[c]
-            if has_ss:
-                v = v * (one + ss[n, c]) + ss[n, C + c]
-            if act:
-                v = v * _sigmoid(v, one)
-            y[n, c, j % S2] = v
+    Cg = C // mean.shape[1]
+    for idx in range(cuda.grid(1), N * C * S2, cuda.gridsize(1)):
+        s = idx % S2
+        c = (idx // S2) % C
+        n = idx // (C * S2)
+        g = c // Cg
+        v = (x[n, c, s] - mean[n, g]) * rstd[n, g] * gamma[c] + beta[c]
+        if has_ss:
+            v = v * (one + ss[n, c]) + ss[n, C + c]
+        if act:
+            v = v * _sigmoid(v, one)
+        y[n, c, s] = v
 
 
 def group_norm(x, gamma, beta, num_groups, eps, scale_shift=None, silu=False, stats=False):
-    """Group norm of x (N, C, *spatial); then optionally h (1 + scale) + shift with
+    """Group norm of x (N, C, *spatial) C-contiguous; then optionally h (1 + scale) + shift with
     scale_shift (N, 2C) = [scale, shift], then optionally SiLU. -> y like x
     (and mean, rstd (N, G) when stats)."""
     N, C = x.shape[0], x.shape[1]
     if C % num_groups:
         raise ValueError(f"group norm: {C} channels do not split into {num_groups} groups")
     S2 = x.size // max(N * C, 1)
+    G, group = num_groups, C // num_groups * S2  # a group's channels are contiguous: one row each
+    mean, rstd = empty((N * G,), x.dtype), empty((N * G,), x.dtype)
+    _launch(_row_stats_kernel, *_over_items(N * G), x.reshape(N * G, group), mean, rstd,
+            *_typed(x.dtype, 1.0 / max(group, 1), eps, 1.0))
+    mean, rstd = mean.reshape(N, G), rstd.reshape(N, G)  # (N, G) each
     y = empty(x.shape, x.dtype)
-    mean, rstd = empty((N, num_groups), x.dtype), empty((N, num_groups), x.dtype)  # (N, G) each
-    _launch(_group_norm_kernel, *_over_rows(N * num_groups), x.reshape(N, C, S2), gamma, beta,
-            scale_shift if scale_shift is not None else _dummy(x.dtype, 2), y.reshape(N, C, S2), mean, rstd,
-            *_typed(x.dtype, 1.0 / max(C // num_groups * S2, 1), eps), scale_shift is not None, silu,
-            *_typed(x.dtype, 1.0))
+    _launch(_group_norm_apply_kernel, *_over_items(x.size), x.reshape(N, C, S2), gamma, beta,
+            scale_shift if scale_shift is not None else _dummy(x.dtype, 2), mean, rstd, y.reshape(N, C, S2),
+            scale_shift is not None, silu, *_typed(x.dtype, 1.0))
     return (y, mean, rstd) if stats else y
 
 
 @cuda.jit
-def _layer_norm_kernel(x, gamma, beta, y, mean, rstd, inv_count, eps, one):
-    """One block per row of x (B, D): y = (x - mean) rstd gamma + beta; mean, rstd (B,)."""
+def _layer_norm_apply_kernel(x, gamma, beta, mean, rstd, y):
+    """y = (x - mean[b]) rstd[b] gamma[j] + beta[j]; x, y (B, D), mean, rstd (B,)."""
     B, D = x.shape
-    partial = cuda.shared.array(REDUCE_THREADS, dtype=x.dtype)
-    tid = cuda.threadIdx.x
-    zero = one - one
-    for row in range(cuda.blockIdx.x, B, cuda.gridDim.x):
-        acc = zero
-        for j in range(tid, D, REDUCE_THREADS):
-            acc += x[row, j]
-        m = _block_sum(partial, acc) * inv_count
-        acc = zero
-        for j in range(tid, D, REDUCE_THREADS):
-            d = x[row, j] - m
-            acc += d * d
-        r = one / math.sqrt(_block_sum(partial, acc) * inv_count + eps)
-        if tid == 0:
-            mean[row] = m
-            rstd[row] = r
-        for j in range(tid, D, REDUCE_THREADS):
-            y[row, j] = (x[row, j] - m) * r * gamma[j] + beta[j]
+    for idx in range(cuda.grid(1), B * D, cuda.gridsize(1)):
+        b, j = idx // D, idx % D
+        y[b, j] = (x[b, j] - mean[b]) * rstd[b] * gamma[j] + beta[j]
 
 
 def layer_norm(x, gamma, beta, eps, stats=False):
@@ -348,10 +314,11 @@ def layer_norm(x, gamma, beta, eps, stats=False):
     *lead, D = tuple(x.shape)
     lead = tuple(lead)
     B = int(np.prod(lead))
-    y = empty(x.shape, x.dtype)
     mean, rstd = empty((B,), x.dtype), empty((B,), x.dtype)  # (B,) each
-    _launch(_layer_norm_kernel, *_over_rows(B), x.reshape(B, D), gamma, beta, y.reshape(B, D), mean, rstd,
+    _launch(_row_stats_kernel, *_over_items(B), x.reshape(B, D), mean, rstd,
             *_typed(x.dtype, 1.0 / max(D, 1), eps, 1.0))
+    y = empty(x.shape, x.dtype)
+    _launch(_layer_norm_apply_kernel, *_over_items(B * D), x.reshape(B, D), gamma, beta, mean, rstd, y.reshape(B, D))
     return (y, mean.reshape(lead), rstd.reshape(lead)) if stats else y
 
 
@@ -487,8 +454,14 @@ def lincomb(*pairs):
 
 @cuda.jit
 def _clip_kernel(x, y, lo, hi):
+    """y = x clipped to [lo, hi] (NaN stays NaN, as in np.clip)."""
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        y[i] = min(max(x[i], lo), hi)
+        v = x[i]
+        if v < lo:
+            v = lo
+        if v > hi:
+            v = hi
+        y[i] = v
 
 
 def clip(x, lo, hi):
