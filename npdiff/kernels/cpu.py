@@ -107,8 +107,8 @@ def _fast_exp_overload(v):
             p = p * r + _E2
             p = p * r + _ONE32
             p = p * r + _ONE32
-            e = p * _POW2[np.int32(kf) + 127]
-            return e if v >= _EXP_XMIN else _ZERO32
+            e = p * _POW2[min(max(np.int32(kf) + 127, 0), 255)]  # clamped: NaN converts to any integer
+            return e if v >= _EXP_XMIN else (_ZERO32 if v < _EXP_XMIN else v)  # exp(NaN) = NaN
         return exp32
     return lambda v: math.exp(v)
 
@@ -750,53 +750,105 @@ def linear_backward(dy, x, w, need_bias=True):
 
 # ----------------------------------------------------------------------------------------------
 # attention: one parallel item per (batch, head); scores, softmax and output in one pass
+#
+# q, k, v arrive as the layers make them, (N, L, E, Dh) projections viewed as (N, E, L, Dh): each
+# head is a strided matrix (rows D apart, or 3D inside a stacked qkv projection), which the GEMMs
+# read in place. Outputs are allocated (N, L, E, Dh) and returned as (N, E, L, Dh) views, so that
+# merging the heads back is free. A key mask becomes an additive bias (0 or -inf): the softmax
+# loops then have no branch and vectorize; exp(-inf) is exactly 0, so masked keys get probability 0.
+
+
+_SOFTMAX_LANES = 16  # independent running maxima: one AVX-512 register of float32
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _softmax_row(row, bias, scale, lanes):
+    """row <- softmax(row * scale + bias) in place. The maximum runs in 16 independent lanes: a
+    single running maximum is a serial chain that does not vectorize."""
+    M = row.shape[0]
+    V = lanes.shape[0]
+    lanes[:] = _NEG_INF32
+    j = 0
+    while j + V <= M:
+        for l in range(V):
+            s = row[j + l] * scale + bias[j + l]
+            row[j + l] = s
+            lanes[l] = s if s > lanes[l] else lanes[l]
+        j += V
+    mx = lanes[0]
+    for l in range(1, V):
+        mx = lanes[l] if lanes[l] > mx else mx
+    for jj in range(j, M):
+        s = row[jj] * scale + bias[jj]
+        row[jj] = s
+        mx = s if s > mx else mx
+    tot = 0.0
+    for jj in range(M):
+        ex = fast_exp(row[jj] - mx)  # masked keys: exp(-inf) = 0; a fully masked row is NaN (0/0)
+        row[jj] = ex
+        tot += ex
+    inv = 1.0 / tot
+    for jj in range(M):
+        row[jj] *= inv
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attention_forward(q, k, v, key_mask, scale, o, probs):
-    # q (N, E, L, Dh), k v (N, E, M, Dh), key_mask (N, M); o like q, probs (N, E, L, M)
-    N, E, L, _ = q.shape
+def _attention_forward(q, k, v, key_bias, scale, o, probs):
+    # q (N, E, L, Dh), k v (N, E, M, Dh), key_bias (N, M); o like q, probs (N, E, L, M)
+    N, E, L, Dh = q.shape
     M = k.shape[2]
+    isz = q.itemsize
+    lq, lk, lv, lo = q.strides[2] // isz, k.strides[2] // isz, v.strides[2] // isz, o.strides[2] // isz
     for ne in prange(N * E):
         n, e = ne // E, ne % E
+        lanes = np.empty(_SOFTMAX_LANES, dtype=q.dtype)
         p = probs[n, e]  # (L, M)
-        np.dot(q[n, e], k[n, e].T, p)
+        _gemm(False, True, L, M, Dh, q[n, e], lq, k[n, e], lk, 0.0, p, M)  # p = q k^T
         for i in range(L):
-            mx = _NEG_INF32
-            for j in range(M):
-                s = p[i, j] * scale
-                p[i, j] = s
-                if key_mask[n, j] and s > mx:
-                    mx = s
-            tot = 0.0
-            for j in range(M):
-                ex = fast_exp(p[i, j] - mx) if key_mask[n, j] else _ZERO32  # masked: exp(-inf)
-                p[i, j] = ex
-                tot += ex
-            inv = 1.0 / tot
-            for j in range(M):
-                p[i, j] *= inv
-        np.dot(p, v[n, e], o[n, e])
+            _softmax_row(p[i], key_bias[n], scale, lanes)
+        _gemm(False, False, L, Dh, M, p, M, v[n, e], lv, 0.0, o[n, e], lo)  # o = p v
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attention_backward(do, q, k, v, probs, scale, dq, dk, dv):
-    N, E, L, _ = q.shape
+def _attention_backward(do, q, k, v, probs, scale, T, dq, dk, dv):
+    N, E, L, Dh = q.shape
     M = k.shape[2]
-    for ne in prange(N * E):
-        n, e = ne // E, ne % E
-        p = probs[n, e]
-        np.dot(p.T, do[n, e], dv[n, e])  # o = p v
-        dp = np.dot(do[n, e], v[n, e].T)  # (L, M)
-        # p = softmax(s): ds = p (dp - sum_m dp p); s = scale q k^T
-        for i in range(L):
-            acc = 0.0
-            for j in range(M):
-                acc += dp[i, j] * p[i, j]
-            for j in range(M):
-                dp[i, j] = p[i, j] * (dp[i, j] - acc) * scale
-        np.dot(dp, k[n, e], dq[n, e])
-        np.dot(dp.T, q[n, e], dk[n, e])
+    isz = q.itemsize
+    ldo, lq, lk, lv = do.strides[2] // isz, q.strides[2] // isz, k.strides[2] // isz, v.strides[2] // isz
+    ldq, ldk, ldv = dq.strides[2] // isz, dk.strides[2] // isz, dv.strides[2] // isz
+    for t in prange(T):
+        dp = np.empty((L, M), dtype=q.dtype)
+        for ne in range(t, N * E, T):
+            n, e = ne // E, ne % E
+            p = probs[n, e]
+            # o = p v  ->  dv = p^T do,  dp = do v^T
+            _gemm(True, False, M, Dh, L, p, M, do[n, e], ldo, 0.0, dv[n, e], ldv)
+            _gemm(False, True, L, M, Dh, do[n, e], ldo, v[n, e], lv, 0.0, dp, M)
+            # p = softmax(s): ds = p (dp - sum_m dp p); s = scale q k^T
+            for i in range(L):
+                prow, drow = p[i], dp[i]
+                acc = 0.0
+                for j in range(M):
+                    acc += drow[j] * prow[j]
+                for j in range(M):
+                    drow[j] = prow[j] * (drow[j] - acc) * scale
+            _gemm(False, False, L, Dh, M, dp, M, k[n, e], lk, 0.0, dq[n, e], ldq)  # dq = ds k
+            _gemm(True, False, M, Dh, L, dp, M, q[n, e], lq, 0.0, dk[n, e], ldk)  # dk = ds^T q
+
+
+def _rows_in_place(a):
+    """a (N, E, L, Dh) as the attention kernels read it: unit stride along Dh and row strides that
+    BLAS accepts; anything else is copied."""
+    isz = a.itemsize
+    st = a.strides
+    if st[3] == isz and all(x >= 0 and x % isz == 0 for x in st) and st[2] >= a.shape[3] * isz:
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _heads_merged(N, E, L, Dh, dtype):
+    """An (N, E, L, Dh) output whose memory is (N, L, E, Dh): merging its heads is a reshape."""
+    return np.empty((N, L, E, Dh), dtype=dtype).transpose(0, 2, 1, 3)
 
 
 def attention_forward(q, k, v, key_mask, scale):
@@ -805,11 +857,14 @@ def attention_forward(q, k, v, key_mask, scale):
         return _ref.attention_forward(q, k, v, key_mask, scale)
     N, E, L, Dh = q.shape
     M = k.shape[2]
-    mask = np.ones((N, M), dtype=np.bool_) if key_mask is None else np.ascontiguousarray(key_mask)
-    o = np.empty((N, E, L, Dh), dtype=q.dtype)
+    if key_mask is None:
+        bias = np.zeros((N, M), dtype=q.dtype)
+    else:
+        bias = np.where(np.asarray(key_mask, dtype=np.bool_), 0.0, -np.inf).astype(q.dtype)  # (N, M)
+    o = _heads_merged(N, E, L, Dh, q.dtype)
     probs = np.empty((N, E, L, M), dtype=q.dtype)
-    _attention_forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                       mask, q.dtype.type(scale), o, probs)
+    _attention_forward(_rows_in_place(q), _rows_in_place(k), _rows_in_place(v), bias, q.dtype.type(scale),
+                       o, probs)
     return o, probs
 
 
@@ -817,9 +872,12 @@ def attention_backward(do, q, k, v, probs, scale):
     """Same as reference.attention_backward -> (dq, dk, dv)."""
     if not _fast(do, q, k, v, probs):
         return _ref.attention_backward(do, q, k, v, probs, scale)
-    dq = np.empty(q.shape, dtype=q.dtype)
-    dk = np.empty(k.shape, dtype=q.dtype)
-    dv = np.empty(v.shape, dtype=q.dtype)
-    _attention_backward(np.ascontiguousarray(do), np.ascontiguousarray(q), np.ascontiguousarray(k),
-                        np.ascontiguousarray(v), np.ascontiguousarray(probs), q.dtype.type(scale), dq, dk, dv)
+    N, E, L, Dh = q.shape
+    M = k.shape[2]
+    dq = _heads_merged(N, E, L, Dh, q.dtype)
+    dk = _heads_merged(N, E, M, Dh, q.dtype)
+    dv = _heads_merged(N, E, M, Dh, q.dtype)
+    T = min(_threads(), N * E)
+    _attention_backward(_rows_in_place(do), _rows_in_place(q), _rows_in_place(k), _rows_in_place(v),
+                        np.ascontiguousarray(probs), q.dtype.type(scale), T, dq, dk, dv)
     return dq, dk, dv
