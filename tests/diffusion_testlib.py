@@ -39,16 +39,31 @@ def linear_response_moments(run, mean_T, cov_T, max_calls):
     x_T = np.zeros((rng.rows, d))
     x_T[1:1 + d] = np.eye(d)
     out = run(x_T, rng)
+    mean, cov = rows_moments(out, mean_T, cov_T, rng.calls)
+    # rows of draws never made must equal row 0
+    assert np.allclose(out[1 + d * (1 + rng.calls):], out[0], atol=1e-12)
+    return mean, cov, rng.calls
+
+
+def rows_moments(out, mean_T, cov_T, calls):
+    """(mean, cov) of any state that is affine in x_T and the draws, read off the rows of a batch run as
+    in linear_response_moments (out (rows, d); an intermediate state works too: draws made after it
+    leave their rows equal to row 0 and contribute nothing)."""
+    d = len(mean_T)
     c = out[0]
     A = (out[1:1 + d] - c).T  # (d, d): column j is the response to x_T = e_j
     cov = A @ cov_T @ A.T
-    for k in range(rng.calls):
+    for k in range(calls):
         start = 1 + d * (1 + k)
         B = (out[start:start + d] - c).T
         cov = cov + B @ B.T
-    # rows of draws never made must equal row 0
-    assert np.allclose(out[1 + d * (1 + rng.calls):], c, atol=1e-12)
-    return c + A @ mean_T, cov, rng.calls
+    return c + A @ mean_T, cov
+
+
+def draw_response(out, d, k):
+    """(d, d) response of the state out (rows, d) to the k-th scripted draw."""
+    start = 1 + d * (1 + k)
+    return (out[start:start + d] - out[0]).T
 
 
 def gaussian_flow_map(m, S, x, abar_from, abar_to):

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from diffusion_testlib import gaussian_posterior, linear_response_moments
+from diffusion_testlib import ScriptedNoise, gaussian_posterior, linear_response_moments, rows_moments
 
 from npdiff.diffusion import GaussianMixture, Schedule, make_denoiser
-from npdiff.samplers import SAMPLERS, img2img, img2img_schedule, repaint_moves, sample_ddpm, sample_repaint
+from npdiff.samplers import (SAMPLERS, img2img, img2img_schedule, repaint_moves, respaced, sample_ddpm,
+                             sample_repaint)
 
 BASE = Schedule.from_name("linear", 1000)
 
@@ -112,3 +113,33 @@ def test_repaint_keeps_the_known_region_and_resampling_harmonizes_the_rest():
         errors[r] = (abs(mean[0] - cond_mean), abs(cov[0, 0] - cond_var))
     assert errors[1][0] > 0.2  # plain replacement misses the conditional mean
     assert errors[10][0] < 0.05 and errors[10][1] < 0.05, errors
+
+
+@pytest.mark.parametrize("j,r", [(1, 1), (3, 3)])
+def test_repaint_known_region_is_exactly_q_of_the_source_at_every_step(j, r):
+    # Every state RePaint hands the network (but the starting x_T) must hold, in the known region, an
+    # exact draw of q(x_{t_i} | x_0 = known) at that state's own step i: mean sqrt(abar_i) y and variance
+    # 1 - abar_i, after reverse steps (re-noised from the source) and after resampling jumps (forward
+    # process from step i to i + j) alike. A known region noised one step off changes the variance by
+    # about beta'_i, which the harmonization test above cannot see. Moments by linear response on the
+    # recorded states; tolerance 1e-12: round-off only.
+    m, S = np.array([0.2, -0.1]), 0.5 * np.array([[1.0, 0.9], [0.9, 1.0]])
+    y1, steps, d = 0.8, 12, 2
+    model = make_denoiser(GaussianMixture.gaussian(m, S), BASE, "eps")
+    sched = respaced(BASE, steps, "linspace")
+    rng = ScriptedNoise(d, 3 * steps * r)
+    x_T = np.zeros((rng.rows, d))
+    x_T[1:1 + d] = np.eye(d)
+    states = []
+    sample_repaint(model, BASE, x_T, rng, steps=steps, known=np.tile([0.0, y1], (rng.rows, 1)),
+                   keep_mask=np.array([0.0, 1.0]), jump_length=j, jump_n_sample=r,
+                   callback=lambda k, x, x0: states.append(x.copy()))
+    at = [mv[1] for mv in repaint_moves(steps, j, r) if mv[0] == "down"]  # the step of each state
+    assert len(states) == len(at) and (r == 1 or len(at) > steps)
+    a_T = BASE.alphas_cumprod[-1]
+    for x, i in list(zip(states, at))[1:]:
+        mean, cov = rows_moments(x, np.sqrt(a_T) * m, a_T * S + (1 - a_T) * np.eye(2), rng.calls)
+        abar = sched.alphas_cumprod[i]
+        assert mean[1] == pytest.approx(np.sqrt(abar) * y1, abs=1e-12), i
+        assert cov[1, 1] == pytest.approx(1 - abar, abs=1e-12), i
+        assert abs(cov[0, 1]) < 1e-12, i  # a fresh draw (or its forward re-noising): independent of the rest

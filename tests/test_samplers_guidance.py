@@ -49,10 +49,18 @@ def test_scale_one_is_the_conditional_and_zero_the_unconditional_model():
 @pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
 def test_guidance_rescale(phi):
     x = np.random.default_rng(1).standard_normal((2, 3, 4, 4))
+    x[1] *= 3.0
     t = np.array([1, 1])
-    out = classifier_free_guidance(TwoBranchModel(), 7.5, rescale=phi)(x, t)
-    cond = 2 * x + 1
-    guided = -x + 7.5 * (cond - (-x))
+    # Branches that are not affine in x with shared coefficients (for TwoBranchModel std(cond) / std(guided)
+    # is one constant, so a std taken over the whole batch instead of per sample would go unseen), and
+    # rows of different scale: the per-sample ratios differ.
+    def batched(x2, t2):
+        n = x2.shape[0] // 2
+        return np.concatenate([2 * x2[:n] + 1, -x2[n:] ** 3])
+
+    out = classifier_free_guidance(batched, 7.5, rescale=phi)(x, t)
+    cond, uncond = 2 * x + 1, -x**3
+    guided = uncond + 7.5 * (cond - uncond)
     # Lin et al. 2023 eq. 15-16: per sample, rescale to the conditional std, then mix with weight phi.
     std = lambda a: a.reshape(2, -1).std(axis=1)[:, None, None, None]  # noqa: E731
     expected = phi * guided * std(cond) / std(guided) + (1 - phi) * guided
