@@ -769,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "backend", None):
             _use_backend(args.backend)
+        elif os.environ.get("NPDIFF_BACKEND", "").strip():     # checked here too, so that it fails in one line
+            _use_backend(os.environ["NPDIFF_BACKEND"].strip())
         return args.func(args)
     except errors as e:
         print(f"npdiff: error: {e}", file=sys.stderr)

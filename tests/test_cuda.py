@@ -120,16 +120,21 @@ def test_every_launched_kernel_compiles_to_ptx(simulator_run, monkeypatch):
     print(f"compiled {len(launches)} kernel signatures ({len(names)} kernels) to PTX for sm_{PTX_CC[0]}{PTX_CC[1]}")
 
 
-def test_cuda_backend_without_a_gpu_is_one_clear_line(tmp_path):
-    """`npdiff sample --backend cuda` with no GPU and no simulator: exit code 2, one line, no traceback."""
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_cuda_backend_without_a_gpu_is_one_clear_line(tmp_path, how):
+    """`npdiff sample --backend cuda` (or NPDIFF_BACKEND=cuda) with no GPU and no simulator: exit
+    code 2, one line, no traceback, nothing written."""
     if _gpu_here():
         pytest.skip("a GPU (or the simulator) is available here")
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     env.pop("NPDIFF_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "npdiff", "sample", "a red circle", "--backend", "cuda",
-                           "--outdir", str(tmp_path / "out"), "--quiet"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "npdiff", "sample", "a red circle", "--outdir", str(tmp_path / "out"), "--quiet"]
+    if how == "flag":
+        cmd += ["--backend", "cuda"]
+    else:
+        env["NPDIFF_BACKEND"] = "cuda"
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("npdiff: error: "), proc.stderr
