@@ -622,7 +622,8 @@ def add_train(sub) -> None:
     p.add_argument("--max-train-steps", type=int, default=d.max_train_steps)
     p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=d.use_ema,
                    help="keep an exponential moving average of the weights and export it (default on)")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="largest EMA decay; step k uses min(this, (1 + k) / (10 + k)) (default %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)

@@ -11,6 +11,7 @@ One step (Ho et al. 2020, Algorithm 1, with text conditioning):
     loss, dout        <- objective(out, x0, noise, t)        (eps, x0 or v; min-SNR weights)
     grads             <- U-Net backward, then text-encoder backward
     clip by global norm, AdamW with warmup + cosine learning rate, EMA of the weights
+    (decay min(ema_decay, (1 + step) / (10 + step)), so early averages forget the random init)
 
 Everything random comes from one numpy Generator whose state is saved in each
 checkpoint, so a resumed run continues exactly as if it had never stopped.
@@ -53,13 +54,13 @@ class TrainArgs:
     train_batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 200
-    max_train_steps: int = 3000
+    max_train_steps: int = 5000
     use_ema: bool = True
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999              # the ceiling; early steps use (1 + step) / (10 + step)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
-    checkpointing_steps: int = 250
+    checkpointing_steps: int = 500
     resume_from_checkpoint: str | None = None   # a checkpoint folder, or "latest"
     validation_prompts: tuple[str, ...] = ()
     min_snr_gamma: float | None = 5.0
@@ -239,7 +240,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             optim.adamw_step(model.params, grads, opt_state, lr=lr, weight_decay=args.weight_decay)
             model.set_params(model.params)
             if ema is not None:
-                optim.ema_update(ema, model.params, args.ema_decay)
+                optim.ema_update(ema, model.params, optim.ema_warmup_decay(step, args.ema_decay))
             step += 1
             window.append(loss)
             if step % args.log_every == 0 or step == args.max_train_steps:
