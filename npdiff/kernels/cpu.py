@@ -41,6 +41,7 @@ from npdiff.kernels.reference import conv2d_output_size  # noqa: F401  (same hel
 
 # columns of one im2col block: big enough for an efficient GEMM, small enough to stay in cache
 CONV_BLOCK_COLUMNS = 1024
+CONV_ROWS = True
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # reassociation lets LLVM vectorize sums, contraction fuses multiply-adds; infinities and NaNs keep
 # their IEEE meaning (no "nnan"/"ninf"), which the masked softmax and the exp limits rely on
@@ -387,6 +388,118 @@ def _conv2d_backward_taps(dy, x, wtaps, R, S, padding, T, need_dx, dw_parts, db_
                             dst[w] = dxp[c, o + w]
 
 
+# ----------------------------------------------------------------------------------------------
+# stride-1 convolution with the S taps of a kernel row stacked: R GEMMs of inner size C*S
+#
+# The taps above multiply (K, C) by (C, L) nine times: an inner size of only C = 32..64, which
+# keeps OpenBLAS far from its peak, and nine passes over the output. Stacking the S horizontally
+# shifted copies of the padded image,
+#     xs[c*S + s, j] = xp[c, j + s]                         (C*S, Hp*Wp)
+# turns each kernel row into one GEMM of inner size C*S:
+#     ye (K, P*Wp) += w_r (K, C*S) @ xs[:, r*Wp : r*Wp + P*Wp],  w_r[k, c*S + s] = w[k, c, r, s]
+# for an S-fold copy of the input (not the R*S-fold of im2col). The weight gradient is R GEMMs the
+# same way, dw_r = dye @ window_r^T, and the input gradient is itself a stride-1 convolution: dy
+# padded by R - 1 - padding with the kernel flipped and its channel axes swapped.
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _stack_shifts(x_n, padding, Wp, S, xp, xs):
+    """xs[c*S + s, j] = padded image plane c at j + s; xp (C, Hp*Wp + S - 1) has a zero border."""
+    _pad_planes(x_n, padding, Wp, xp)
+    C = xp.shape[0]
+    F = xs.shape[1]
+    for c in range(C):
+        src = xp[c]
+        for s in range(S):
+            dst = xs[c * S + s]
+            for j in range(F):
+                dst[j] = src[j + s]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv2d_forward_rows(x, wrows, b, R, S, padding, kblocks, T, y):
+    # x (N, C, H, W), wrows (R, K, C*S), b (K,), y (N, K, P, Q); stride 1
+    N, C, H, W = x.shape
+    K, CS = wrows.shape[1], wrows.shape[2]
+    P, Q = y.shape[2], y.shape[3]
+    Wp = W + 2 * padding
+    F = (H + 2 * padding) * Wp
+    L = P * Wp
+    kb = (K + kblocks - 1) // kblocks
+    wf = wrows.reshape(-1)
+    for t in prange(T):
+        xp = np.zeros((C, F + S - 1), dtype=x.dtype)
+        xs = np.empty((CS, F), dtype=x.dtype)
+        ye = np.empty((K, L), dtype=x.dtype)
+        xf, yf = xs.reshape(-1), ye.reshape(-1)
+        last = -1
+        for item in range(t, N * kblocks, T):
+            n, k0 = item // kblocks, (item % kblocks) * kb
+            k1 = min(K, k0 + kb)
+            if k0 >= k1:
+                continue
+            if n != last:
+                _stack_shifts(x[n], padding, Wp, S, xp, xs)
+                last = n
+            for r in range(R):
+                _gemm(False, False, k1 - k0, L, CS, wf[(r * K + k0) * CS:], CS,
+                      xf[r * Wp:], F, 0.0 if r == 0 else 1.0, yf[k0 * L:], L)
+            for k in range(k0, k1):
+                bk = b[k]
+                for p in range(P):
+                    yr = y[n, k, p]
+                    o = p * Wp
+                    for q in range(Q):
+                        yr[q] = ye[k, o + q] + bk
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts):
+    # dy (N, K, P, Q), x (N, C, H, W); dw_parts (T, R, K, C*S), db_parts (T, K); stride 1
+    N, C, H, W = x.shape
+    K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
+    CS = C * S
+    Wp = W + 2 * padding
+    F = (H + 2 * padding) * Wp
+    L = P * Wp
+    for t in prange(T):
+        xp = np.zeros((C, F + S - 1), dtype=x.dtype)
+        xs = np.empty((CS, F), dtype=x.dtype)
+        dye = np.zeros((K, L), dtype=x.dtype)  # the discarded columns q >= Q stay zero
+        xf, dyf = xs.reshape(-1), dye.reshape(-1)
+        dwf = dw_parts[t].reshape(-1)
+        dwf[:] = 0.0
+        db_parts[t, :] = 0.0
+        for n in range(t, N, T):
+            _stack_shifts(x[n], padding, Wp, S, xp, xs)
+            for k in range(K):
+                acc = 0.0
+                for p in range(P):
+                    src = dy[n, k, p]
+                    o = p * Wp
+                    for q in range(Q):
+                        v = src[q]
+                        dye[k, o + q] = v
+                        acc += v
+                db_parts[t, k] += acc
+            for r in range(R):
+                # ye[k, j] = sum_{c,s} w_r[k, c*S + s] xs[c*S + s, j + r*Wp]  ->  dw_r = dye @ window^T
+                _gemm(False, True, K, CS, L, dyf, L, xf[r * Wp:], F, 1.0, dwf[r * K * CS:], CS)
+
+
+def _conv_stride1(x, w, bias, padding):
+    """y = conv2d(x, w) + bias at stride 1 by the stacked-row GEMMs; x, w contiguous, one dtype."""
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q = conv2d_output_size(H, W, R, S, 1, padding)
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    T = _threads()
+    wrows = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(R, K, C * S)
+    kblocks = min(K, T // math.gcd(N, T))  # split the channels when images alone leave threads idle
+    _conv2d_forward_rows(x, wrows, bias, R, S, padding, kblocks, T, y)
+    return y
+
+
 def _rows_per_block(N, P, Q, T):
     """Output rows per forward block: about CONV_BLOCK_COLUMNS columns, and at least T blocks."""
     rows = max(1, CONV_BLOCK_COLUMNS // Q)
@@ -406,6 +519,8 @@ def conv2d_forward(x, w, b, stride, padding):
     bias = np.zeros(K, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     T = _threads()
+    if stride == 1 and CONV_ROWS:
+        return _conv_stride1(x, np.ascontiguousarray(w), bias, padding)
     if stride == 1:
         wtaps = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(R * S, K, C)
         kblocks = min(K, T // math.gcd(N, T))  # split the channels when images alone leave threads idle
@@ -423,6 +538,18 @@ def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
     K, _, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
     T = _threads()
+    if stride == 1 and CONV_ROWS and R == S and padding <= R - 1:
+        x = np.ascontiguousarray(x)
+        dy = np.ascontiguousarray(dy)
+        dw_parts = np.empty((T, R, K, C * S), dtype=x.dtype)
+        db_parts = np.empty((T, K), dtype=x.dtype)
+        _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts)
+        dw = np.ascontiguousarray(dw_parts.sum(axis=0).reshape(R, K, C, S).transpose(1, 2, 0, 3))
+        dx = None
+        if need_dx:  # the transposed convolution: flipped kernel, channel axes swapped
+            wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            dx = _conv_stride1(dy, wflip, np.zeros(C, dtype=x.dtype), R - 1 - padding)
+        return dx, dw, db_parts.sum(axis=0)
     if stride == 1:
         dx = np.empty((N, C, H, W), dtype=x.dtype) if need_dx else np.empty((0, C, H, W), dtype=x.dtype)
         dw_parts = np.empty((T, R * S, K, C), dtype=x.dtype)
