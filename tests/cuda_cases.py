@@ -262,6 +262,10 @@ def test_host_kernels_of_the_registry(monkeypatch):
     gn = be.group_norm_forward(x, g, beta, 3, 1e-5)
     for got, want in zip(gn, ref.group_norm_forward(*to64(x, g, beta), 3, 1e-5)):
         check("host group_norm_forward", dtype, got, want)
+    ss = draw(rng, (2, 6), dtype)
+    gns = be.group_norm_silu_forward(x, g, beta, 3, 1e-5, ss)
+    for got, want in zip(gns, ref.group_norm_silu_forward(*to64(x, g, beta), 3, 1e-5, ss.astype(np.float64))):
+        check("host group_norm_silu_forward", dtype, got, want)
     t, g4, b4 = draw(rng, (2, 3, 4), dtype), draw(rng, (4,), dtype), draw(rng, (4,), dtype)
     ln = be.layer_norm_forward(t, g4, b4, 1e-5)
     for got, want in zip(ln, ref.layer_norm_forward(*to64(t, g4, b4), 1e-5)):
@@ -282,6 +286,8 @@ def test_host_kernels_of_the_registry(monkeypatch):
     for got, want in [
         (be.conv2d_backward(dy, x, w, 2, 1, False), ref.conv2d_backward(dy, x, w, 2, 1, False)),
         (be.group_norm_backward(x, x, g, gn[1], gn[2], 3), ref.group_norm_backward(x, x, g, gn[1], gn[2], 3)),
+        (be.group_norm_silu_backward(x, x, g, beta, gns[1], gns[2], 3, ss),
+         ref.group_norm_silu_backward(x, x, g, beta, gns[1], gns[2], 3, ss)),
         (be.layer_norm_backward(dt, t, g4, ln[1], ln[2]), ref.layer_norm_backward(dt, t, g4, ln[1], ln[2])),
         ((be.silu_backward(dt, t),), (ref.silu_backward(dt, t),)),
         ((be.gelu_backward(dt, t),), (ref.gelu_backward(dt, t),)),

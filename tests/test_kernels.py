@@ -183,6 +183,53 @@ def test_group_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("modulated", [False, True])
+def test_group_norm_silu(dtype, modulated):
+    """The fused residual-block normalization against the reference composition of group norm,
+    (1 + scale) h + shift and SiLU, forward and backward."""
+    worst = Worst(f"group_norm_silu scale_shift={modulated}", dtype)
+
+    @EXAMPLES
+    @given(N=st.sampled_from([1, 2, 3]), G=st.integers(1, 4), cpg=st.sampled_from([1, 2, 3, 5]),
+           spatial=st.lists(st.integers(1, 9), min_size=0, max_size=2), loc=st.sampled_from([0.0, 3.0]),
+           seed=seeds)
+    @example(N=2, G=32, cpg=2, spatial=[8, 8], loc=0.0, seed=1)  # a U-Net block at 8x8
+    @example(N=1, G=1, cpg=1, spatial=[1, 1], loc=0.0, seed=2)  # one value per group: xhat = 0
+    @example(N=1, G=2, cpg=3, spatial=[5], loc=3.0, seed=3)
+    def check(N, G, cpg, spatial, loc, seed):
+        rng = np.random.default_rng(seed)
+        C = G * cpg
+        x = randn(rng, (N, C, *spatial), dtype, 2.0, loc)
+        gamma, beta = randn(rng, (C,), dtype, 1.0, 1.0), randn(rng, (C,), dtype)
+        ss = randn(rng, (N, 2 * C), dtype, 3.0) if modulated else None  # SiLU on both sides of 0
+        y, mean, rstd = cpu.group_norm_silu_forward(x, gamma, beta, G, 1e-5, ss)
+        ry, rmean, rrstd = ref.group_norm_silu_forward(*oracle(x, gamma, beta), G, 1e-5,
+                                                       *oracle(ss))
+        # the kernel forms u = (x - mean) rstd gamma (1 + scale) + beta (1 + scale) + shift in float64,
+        # so y needs no floor; dx = rstd (dxhat - two mean terms) is 0 for one value per group, and
+        # its floor is max|a dy|, a = rstd gamma (1 + scale) (as for group_norm)
+        expand = (N, C) + (1,) * len(spatial)
+        m = 1.0 + ss[:, :C].astype(np.float64) if modulated else np.ones((N, C))
+        a = np.repeat(rrstd, cpg, axis=1) * gamma * m  # (N, C)
+        worst.check("y", y, ry)
+        worst.check("mean", mean, rmean, floor=size(x))
+        worst.check("rstd", rstd, rrstd)
+        dy = randn(rng, x.shape, dtype)
+        fast = cpu.group_norm_silu_backward(dy, x, gamma, beta, mean, rstd, G, ss)
+        slow = ref.group_norm_silu_backward(*oracle(dy, x, gamma, beta, mean, rstd), G, *oracle(ss))
+        worst.check("dx", fast[0], slow[0], floor=size(a.reshape(expand) * dy))
+        worst.check("dgamma", fast[1], slow[1])
+        worst.check("dbeta", fast[2], slow[2])
+        if modulated:
+            worst.check("dscale_shift", fast[3], slow[3])
+        else:
+            assert fast[3] is None and slow[3] is None
+
+    check()
+    worst.report()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm(dtype):
     worst = Worst("layer_norm", dtype)
 
@@ -347,6 +394,7 @@ def test_attention_fully_masked_row_stays_in_its_row():
 PARITY_TESTS = {
     "conv2d_forward": test_conv2d, "conv2d_backward": test_conv2d,
     "group_norm_forward": test_group_norm, "group_norm_backward": test_group_norm,
+    "group_norm_silu_forward": test_group_norm_silu, "group_norm_silu_backward": test_group_norm_silu,
     "layer_norm_forward": test_layer_norm, "layer_norm_backward": test_layer_norm,
     "silu_forward": test_activation, "silu_backward": test_activation,
     "gelu_forward": test_activation, "gelu_backward": test_activation,

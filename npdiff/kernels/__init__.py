@@ -22,6 +22,7 @@ BACKEND_NAMES = ("reference", "cpu", "cuda")
 KERNEL_NAMES = (
     "conv2d_forward", "conv2d_backward",
     "group_norm_forward", "group_norm_backward",
+    "group_norm_silu_forward", "group_norm_silu_backward",
     "layer_norm_forward", "layer_norm_backward",
     "silu_forward", "silu_backward",
     "gelu_forward", "gelu_backward",

@@ -703,6 +703,14 @@ def group_norm_forward(x, gamma, beta, num_groups, eps):
     return to_host(y), to_host(mean), to_host(rstd)
 
 
+def group_norm_silu_forward(x, gamma, beta, num_groups, eps, scale_shift=None):
+    """reference.group_norm_silu_forward on the device: (y, mean (N, G), rstd (N, G))."""
+    ss = to_device(np.ascontiguousarray(scale_shift)) if scale_shift is not None else None
+    y, mean, rstd = group_norm(to_device(x), to_device(gamma), to_device(beta), num_groups, eps,
+                               scale_shift=ss, silu=True, stats=True)
+    return to_host(y), to_host(mean), to_host(rstd)
+
+
 def layer_norm_forward(x, gamma, beta, eps):
     """reference.layer_norm_forward on the device: (y, mean (B,), rstd (B,))."""
     y, mean, rstd = layer_norm(to_device(x), to_device(gamma), to_device(beta), eps, stats=True)
@@ -749,6 +757,11 @@ def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
 def group_norm_backward(dy, x, gamma, mean, rstd, num_groups):
     """On the host (Numba CPU kernels)."""
     return _cpu().group_norm_backward(dy, x, gamma, mean, rstd, num_groups)
+
+
+def group_norm_silu_backward(dy, x, gamma, beta, mean, rstd, num_groups, scale_shift=None):
+    """On the host (Numba CPU kernels)."""
+    return _cpu().group_norm_silu_backward(dy, x, gamma, beta, mean, rstd, num_groups, scale_shift)
 
 
 def layer_norm_backward(dy, x, gamma, mean, rstd):

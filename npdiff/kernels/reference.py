@@ -147,6 +147,43 @@ def group_norm_backward(dy, x, gamma, mean, rstd, num_groups):
     return dx.reshape(x.shape), dgamma, dbeta
 
 
+def _modulation(scale_shift, x):
+    """(1 + scale, shift) shaped to broadcast against x (N, C, *spatial); scale_shift (N, 2C)."""
+    N, C = x.shape[0], x.shape[1]
+    shape = (N, C) + (1,) * (x.ndim - 2)
+    return 1.0 + scale_shift[:, :C].reshape(shape), scale_shift[:, C:].reshape(shape)
+
+
+def group_norm_silu_forward(x, gamma, beta, num_groups, eps, scale_shift=None):
+    """The normalization of a residual block (Dhariwal & Nichol 2021, "AdaGN"), in one kernel:
+    y = silu(group_norm(x) * (1 + scale) + shift), scale_shift (N, 2C) = [scale, shift] per image
+    and channel, or None for y = silu(group_norm(x)). Returns y, mean (N, G), rstd (N, G)."""
+    h, mean, rstd = group_norm_forward(x, gamma, beta, num_groups, eps)
+    if scale_shift is not None:
+        m, shift = _modulation(scale_shift, x)
+        h = h * m + shift
+    return silu_forward(h), mean, rstd
+
+
+def group_norm_silu_backward(dy, x, gamma, beta, mean, rstd, num_groups, scale_shift=None):
+    """Gradients of group_norm_silu_forward: (dx, dgamma, dbeta, dscale_shift (N, 2C) or None).
+    The normalized h and the SiLU input u are recomputed from x and the saved statistics."""
+    xhat = ((_group_view(x, num_groups) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    h = xhat * gamma.reshape(_channel_shape(x)) + beta.reshape(_channel_shape(x))
+    u, m = h, None
+    if scale_shift is not None:
+        m, shift = _modulation(scale_shift, x)
+        u = h * m + shift
+    du = silu_backward(dy, u)
+    dss = None
+    if scale_shift is not None:
+        spatial = tuple(range(2, x.ndim))
+        dss = np.concatenate([(du * h).sum(axis=spatial), du.sum(axis=spatial)], axis=1)  # (N, 2C)
+        du = du * m
+    dx, dgamma, dbeta = group_norm_backward(du, x, gamma, mean, rstd, num_groups)
+    return dx, dgamma, dbeta, dss
+
+
 def layer_norm_forward(x, gamma, beta, eps):
     """Layer normalization (Ba et al. 2016) over the last axis. x (B, D), gamma and beta (D,).
     Returns y like x, mean (B,), rstd (B,) (B is all leading axes)."""

@@ -63,6 +63,22 @@ def group_norm_backward(dy, cache):
     return get_backend().group_norm_backward(dy, x, weight, mean, rstd, num_groups)
 
 
+def group_norm_silu_forward(x, weight, bias, num_groups, eps=1e-5, scale_shift=None):
+    """SiLU(GroupNorm(x) (1 + scale) + shift) in one kernel: the normalization of a residual block
+    with its timestep modulation (Dhariwal & Nichol 2021's AdaGN; scale_shift (N, 2C) =
+    [scale, shift]), or SiLU(GroupNorm(x)) when scale_shift is None."""
+    if x.shape[1] % num_groups:
+        raise ValueError(f"group norm: {x.shape[1]} channels do not split into {num_groups} groups")
+    y, mean, rstd = get_backend().group_norm_silu_forward(x, weight, bias, num_groups, eps, scale_shift)
+    return y, (x, weight, bias, mean, rstd, num_groups, scale_shift)
+
+
+def group_norm_silu_backward(dy, cache):
+    """-> (dx, dweight, dbias, dscale_shift or None)."""
+    x, weight, bias, mean, rstd, num_groups, scale_shift = cache
+    return get_backend().group_norm_silu_backward(dy, x, weight, bias, mean, rstd, num_groups, scale_shift)
+
+
 def layer_norm_forward(x, weight, bias, eps=1e-5):
     """Layer norm (Ba et al. 2016) over the last axis. x (..., D), weight and bias (D,)."""
     y, mean, rstd = get_backend().layer_norm_forward(x, weight, bias, eps)

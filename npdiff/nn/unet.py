@@ -208,27 +208,24 @@ def _put(grads, name, dweight, dbias=None):
 def resblock_forward(p, name, x, emb_act, config, rng):
     """x (N, Cin, H, W), emb_act = SiLU(emb) (N, E) -> y (N, Cout, H, W)."""
     G, eps = config.num_groups, config.norm_eps
-    h, c_n1 = F.group_norm_forward(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], G, eps)
-    h, c_a1 = F.silu_forward(h)
+    h, c_n1 = F.group_norm_silu_forward(x, p[f"{name}.norm1.weight"], p[f"{name}.norm1.bias"], G, eps)
     h, c_c1 = F.conv2d_forward(h, p[f"{name}.conv1.weight"], p[f"{name}.conv1.bias"])
     ss, c_e = F.linear_forward(emb_act, p[f"{name}.emb.weight"], p[f"{name}.emb.bias"])  # (N, 2Cout)
-    Cout = h.shape[1]
-    scale, shift = ss[:, :Cout, None, None], ss[:, Cout:, None, None]  # (N, Cout, 1, 1) each
-    hn, c_n2 = F.group_norm_forward(h, p[f"{name}.norm2.weight"], p[f"{name}.norm2.bias"], G, eps)
-    h = hn * (1.0 + scale) + shift  # ADM's scale-shift norm
-    h, c_a2 = F.silu_forward(h)
+    # ADM's scale-shift norm: SiLU(GroupNorm(h) (1 + scale) + shift), ss = [scale, shift]
+    h, c_n2 = F.group_norm_silu_forward(h, p[f"{name}.norm2.weight"], p[f"{name}.norm2.bias"], G, eps,
+                                        scale_shift=ss)
     h, c_d = F.dropout_forward(h, config.dropout, rng)
     h, c_c2 = F.conv2d_forward(h, p[f"{name}.conv2.weight"], p[f"{name}.conv2.bias"])
     if f"{name}.skip.weight" in p:
         s, c_s = F.conv2d_forward(x, p[f"{name}.skip.weight"], p[f"{name}.skip.bias"])
     else:
         s, c_s = x, None
-    return s + h, (name, c_n1, c_a1, c_c1, c_e, hn, scale, c_n2, c_a2, c_d, c_c2, c_s)
+    return s + h, (name, c_n1, c_c1, c_e, c_n2, c_d, c_c2, c_s)
 
 
 def resblock_backward(dy, cache, grads):
     """-> (dx, demb_act); parameter gradients go into grads."""
-    name, c_n1, c_a1, c_c1, c_e, hn, scale, c_n2, c_a2, c_d, c_c2, c_s = cache
+    name, c_n1, c_c1, c_e, c_n2, c_d, c_c2, c_s = cache
     # y = s + h
     if c_s is not None:
         dx, dw, db = F.conv2d_backward(dy, c_s)
@@ -238,19 +235,13 @@ def resblock_backward(dy, cache, grads):
     dh, dw, db = F.conv2d_backward(dy, c_c2)
     _put(grads, f"{name}.conv2", dw, db)
     (dh,) = F.dropout_backward(dh, c_d)
-    (dh,) = F.silu_backward(dh, c_a2)
-    # h = hn * (1 + scale) + shift
-    dscale = (dh * hn).sum(axis=(2, 3))  # (N, Cout)
-    dshift = dh.sum(axis=(2, 3))
-    dhn = dh * (1.0 + scale)
-    dh, dw, db = F.group_norm_backward(dhn, c_n2)
+    dh, dw, db, dss = F.group_norm_silu_backward(dh, c_n2)
     _put(grads, f"{name}.norm2", dw, db)
-    demb_act, dw, db = F.linear_backward(np.concatenate([dscale, dshift], axis=1), c_e)
+    demb_act, dw, db = F.linear_backward(dss, c_e)
     _put(grads, f"{name}.emb", dw, db)
     dh, dw, db = F.conv2d_backward(dh, c_c1)
     _put(grads, f"{name}.conv1", dw, db)
-    (dh,) = F.silu_backward(dh, c_a1)
-    dxn, dw, db = F.group_norm_backward(dh, c_n1)
+    dxn, dw, db, _ = F.group_norm_silu_backward(dh, c_n1)
     _put(grads, f"{name}.norm1", dw, db)
     return dx + dxn, demb_act
 
@@ -406,18 +397,17 @@ def unet_forward(params, config, x, t, context, context_mask, pooled, *, rng=Non
             up.append(("upsample", (f"up.{i}.upsample", c_us, c)))
 
     # out
-    h, c_no = F.group_norm_forward(h, params["norm_out.weight"], params["norm_out.bias"],
-                                   config.num_groups, config.norm_eps)
-    h, c_ao = F.silu_forward(h)
+    h, c_no = F.group_norm_silu_forward(h, params["norm_out.weight"], params["norm_out.bias"],
+                                        config.num_groups, config.norm_eps)
     out, c_out = F.conv2d_forward(h, params["conv_out.weight"], params["conv_out.bias"])
-    cache = (c_t, c_e0, c_e1, c_e2, c_p, c_ea, c_in, down, c_m0, c_m1, up, c_no, c_ao, c_out)
+    cache = (c_t, c_e0, c_e1, c_e2, c_p, c_ea, c_in, down, c_m0, c_m1, up, c_no, c_out)
     return out, cache
 
 
 def unet_backward(params, config, dout, cache):
     """Gradients of sum(out * dout). Returns (grads: one array per parameter name, dcontext
     (N, L, D), dpooled (N, D))."""
-    c_t, c_e0, c_e1, c_e2, c_p, c_ea, c_in, down, c_m0, c_m1, up, c_no, c_ao, c_out = cache
+    c_t, c_e0, c_e1, c_e2, c_p, c_ea, c_in, down, c_m0, c_m1, up, c_no, c_out = cache
     grads = {}
     demb = 0.0  # accumulates d loss / d emb_act over all residual blocks
     dctx = 0.0  # accumulates d loss / d context over all cross-attentions
@@ -433,8 +423,7 @@ def unet_backward(params, config, dout, cache):
     # out
     dh, dw, db = F.conv2d_backward(dout.astype(c_out[0].dtype, copy=False), c_out)
     _put(grads, "conv_out", dw, db)
-    (dh,) = F.silu_backward(dh, c_ao)
-    dh, dw, db = F.group_norm_backward(dh, c_no)
+    dh, dw, db, _ = F.group_norm_silu_backward(dh, c_no)
     _put(grads, "norm_out", dw, db)
 
     # up, last op first; skip gradients come out in the order the skips were made
