@@ -195,6 +195,25 @@ def build_model(args: TrainArgs, source, rng) -> Model:
     return Model.init(config, tokenizer, rng)
 
 
+def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool):
+    """(optimizer state, EMA or None) of a checkpoint, each checked against the model's
+    parameters, so that a damaged or mismatched file is one CheckpointError, not a traceback."""
+    opt_path = resume / ckpt.OPTIMIZER_FILE
+    tensors = ckpt.load_tensors(opt_path)
+    expected = {f"{kind}.{k}": v for kind in ("m", "v") for k, v in model.params.items()}
+    ckpt.check_tensors(tensors, expected, str(opt_path))
+    opt_state = optim.unflatten_state(tensors, state["optimizer_meta"])
+    ema = None
+    if use_ema:
+        ema_path = resume / ckpt.EMA_FILE
+        if not ema_path.is_file():
+            raise ckpt.CheckpointError(f"{resume} has no {ckpt.EMA_FILE} (it was trained without EMA); "
+                                       f"resume with --no-use-ema or start a new run")
+        ema = ckpt.load_tensors(ema_path)
+        ckpt.check_tensors(ema, model.params, str(ema_path))
+    return opt_state, ema
+
+
 def learning_rate(args: TrainArgs, step: int) -> float:
     return optim.warmup_cosine(step, args.learning_rate, args.lr_warmup_steps, args.max_train_steps)
 
@@ -211,8 +230,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         step = int(state["step"])
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
-        opt_state = optim.unflatten_state(ckpt.load_tensors(resume / ckpt.OPTIMIZER_FILE), state["optimizer_meta"])
-        ema = ckpt.load_tensors(resume / ckpt.EMA_FILE) if args.use_ema else None
+        opt_state, ema = _load_training_state(resume, model, state, args.use_ema)
         _truncate_log(out / "train_log.jsonl", step)
     else:
         rng = np.random.default_rng(args.seed)

@@ -90,3 +90,35 @@ def test_train_flag_errors(argv, needle, capsys, tmp_path):
     code = main(argv + ["--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("optimizer-shape", "optimizer.safetensors does not match"),
+    ("optimizer-missing", "optimizer.safetensors does not match"),
+    ("ema-shape", "ema.safetensors does not match"),
+    ("ema-gone", "has no ema.safetensors"),
+])
+def test_resume_checks_optimizer_and_ema_files(tmp_path, capsys, damage, needle):
+    """A checkpoint whose optimizer or EMA tensors do not fit the model is one clear line (exit 2)."""
+    out = tmp_path / "run"
+    train(replace(TINY, output_dir=str(out), max_train_steps=2), progress=False)
+    cp = out / "checkpoint-2"
+    kind, _, how = damage.partition("-")
+    path = cp / (ckpt.OPTIMIZER_FILE if kind == "optimizer" else ckpt.EMA_FILE)
+    if how == "gone":
+        path.unlink()
+    else:
+        tensors = ckpt.load_tensors(path)
+        name = sorted(tensors)[0]
+        if how == "shape":
+            tensors[name] = np.zeros(tensors[name].shape + (2,), tensors[name].dtype)
+        else:
+            del tensors[name]
+        path.write_bytes(ckpt.tensor_bytes(tensors))
+    argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
+            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
+            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
