@@ -639,7 +639,8 @@ def add_train(sub) -> None:
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
     p.add_argument("--beta-schedule", default=d.beta_schedule, help="linear, scaled_linear, cosine, sigmoid")
-    p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference")
+    p.add_argument("--backend", default=None,
+                   help="kernel backend: cpu (default), reference, cuda (forward on the GPU, gradients on the CPU)")
     p.set_defaults(func=cmd_train)
 
 
