@@ -277,6 +277,7 @@ def time_convs(model, torch, repeats):
 
 def time_forward(model, twin, torch, repeats):
     import numpy as np
+    from npdiff.nn.mode import inference
     rng = np.random.default_rng(0)
     out = {}
     for N in FORWARD_BATCHES:
@@ -289,7 +290,8 @@ def time_forward(model, twin, torch, repeats):
             ttok, tpool = twin.text(ids, tmask)
             tx = torch.from_numpy(x)
             t_t = median_time(lambda: twin.unet(tx, t, ttok, tmask, tpool), repeats, warmup=2)
-        t_n = median_time(lambda: model.unet(x, t, ctx, mask, pooled), repeats, warmup=2)
+        with inference():  # as the sampling pipeline runs it; PyTorch under no_grad
+            t_n = median_time(lambda: model.unet(x, t, ctx, mask, pooled), repeats, warmup=2)
         out[N] = {"npdiff": t_n, "torch": t_t}
     return out
 

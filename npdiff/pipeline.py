@@ -18,6 +18,7 @@ import numpy as np
 
 from npdiff.imaging import from_uint8, to_uint8
 from npdiff.model import Model
+from npdiff.nn.mode import inference
 from npdiff.samplers import get_sampler, img2img, img2img_schedule, repaint_moves, sample_repaint
 from npdiff.samplers.guidance import classifier_free_guidance
 
@@ -74,16 +75,19 @@ class Pipeline:
         scales = np.broadcast_to(np.asarray(guidance_scale, dtype=np.float64), (n,))
         if _on_cuda() and not rescale:                      # the same function, its forward pass on the device
             return self._device().host_model_fn(prompts, negative_prompt, scales)
-        context, mask, pooled, _ = self.model.encode_text(list(prompts) + [negative_prompt] * n)
+        with inference():                                   # no backward follows: keep nothing for one
+            context, mask, pooled, _ = self.model.encode_text(list(prompts) + [negative_prompt] * n)
 
         if np.all(scales == 1.0):                           # no guidance: the conditional half only
             def cond_only(x, t):
-                out, _ = self.model.unet(x, t, context[:n], mask[:n], pooled[:n])
+                with inference():
+                    out, _ = self.model.unet(x, t, context[:n], mask[:n], pooled[:n])
                 return out
             return cond_only
 
         def both(x2, t2):                                   # x2: (2N, C, H, W) = [x; x]
-            out, _ = self.model.unet(x2, t2, context, mask, pooled)
+            with inference():
+                out, _ = self.model.unet(x2, t2, context, mask, pooled)
             return out
 
         scale = scales[0] if np.all(scales == scales[0]) else scales.reshape(n, 1, 1, 1).astype(self.dtype)

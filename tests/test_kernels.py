@@ -359,6 +359,8 @@ def test_attention(dtype):
         ro, rprobs = ref.attention_forward(*oracle(q, k, v), m, scale)
         worst.check("o", o, ro)
         worst.check("probs", probs, rprobs)
+        o_inference, none = cpu.attention_forward(q, k, v, m, scale, need_probs=False)
+        assert none is None and np.array_equal(o_inference, o), "the no-probs kernel differs"
         if m is not None:
             padding = ~np.broadcast_to(m[:, None, None, :], probs.shape)  # (N, E, L, M)
             assert np.all(probs[padding] == 0), "a masked key was attended to"

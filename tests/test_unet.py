@@ -186,3 +186,28 @@ def test_directional_check_catches_one_wrong_entry():
     wrong.flat[7] += 0.01 * np.abs(wrong).max()
     assert directional_check(loss, [p[name]], [grads[name]], rng, along_gradient=True) <= 1e-6
     assert directional_check(loss, [p[name]], [wrong], rng, along_gradient=True) > 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_inference_mode_same_output_and_no_backward(backend):
+    """Inside npdiff.nn.mode.inference() the U-Net gives the same bits and keeps no attention
+    probabilities; a backward pass through that cache is a clear error."""
+    from npdiff import kernels
+    from npdiff.nn.mode import inference, inference_active
+    rng = np.random.default_rng(5)
+    p = {k: v.astype(np.float32) for k, v in perturbed_params(TINY, rng).items()}
+    x, t, ctx, mask, pooled = inputs(TINY, rng)
+    previous = kernels.backend_name()
+    kernels.set_backend(backend)
+    try:
+        out, _ = unet_forward(p, TINY, x, t, ctx, mask, pooled)
+        assert not inference_active()
+        with inference():
+            assert inference_active()
+            out_i, cache = unet_forward(p, TINY, x, t, ctx, mask, pooled)
+        assert not inference_active()
+        np.testing.assert_array_equal(out_i, out)
+        with pytest.raises(RuntimeError, match="inference"):
+            unet_backward(p, TINY, np.ones_like(out_i), cache)
+    finally:
+        kernels.set_backend(previous)

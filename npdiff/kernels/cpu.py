@@ -1062,6 +1062,25 @@ def _attention_forward(q, k, v, key_bias, scale, o, probs):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attention_forward_no_probs(q, k, v, key_bias, scale, T, o):
+    # as _attention_forward, but each head's (L, M) scores live in one buffer per thread, small
+    # enough to stay in cache, instead of in an (N, E, L, M) array only a backward pass would read
+    N, E, L, Dh = q.shape
+    M = k.shape[2]
+    isz = q.itemsize
+    lq, lk, lv, lo = q.strides[2] // isz, k.strides[2] // isz, v.strides[2] // isz, o.strides[2] // isz
+    for t in prange(T):
+        lanes = np.empty(_SOFTMAX_LANES, dtype=q.dtype)
+        p = np.empty((L, M), dtype=q.dtype)
+        for ne in range(t, N * E, T):
+            n, e = ne // E, ne % E
+            _gemm(False, True, L, M, Dh, q[n, e], lq, k[n, e], lk, 0.0, p, M)  # p = q k^T
+            for i in range(L):
+                _softmax_row(p[i], key_bias[n], scale, lanes)
+            _gemm(False, False, L, Dh, M, p, M, v[n, e], lv, 0.0, o[n, e], lo)  # o = p v
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _attention_backward(do, q, k, v, probs, scale, T, dq, dk, dv):
     N, E, L, Dh = q.shape
     M = k.shape[2]
@@ -1103,10 +1122,10 @@ def _heads_merged(N, E, L, Dh, dtype):
     return np.empty((N, L, E, Dh), dtype=dtype).transpose(0, 2, 1, 3)
 
 
-def attention_forward(q, k, v, key_mask, scale):
-    """Same as reference.attention_forward -> (o (N, E, L, Dh), probs (N, E, L, M))."""
+def attention_forward(q, k, v, key_mask, scale, need_probs=True):
+    """Same as reference.attention_forward -> (o (N, E, L, Dh), probs (N, E, L, M) or None)."""
     if not _fast(q, k, v):
-        return _ref.attention_forward(q, k, v, key_mask, scale)
+        return _ref.attention_forward(q, k, v, key_mask, scale, need_probs)
     N, E, L, Dh = q.shape
     M = k.shape[2]
     if key_mask is None:
@@ -1114,6 +1133,10 @@ def attention_forward(q, k, v, key_mask, scale):
     else:
         bias = np.where(np.asarray(key_mask, dtype=np.bool_), 0.0, -np.inf).astype(q.dtype)  # (N, M)
     o = _heads_merged(N, E, L, Dh, q.dtype)
+    if not need_probs:
+        _attention_forward_no_probs(_rows_in_place(q), _rows_in_place(k), _rows_in_place(v), bias,
+                                    q.dtype.type(scale), min(_threads(), N * E), o)
+        return o, None
     probs = np.empty((N, E, L, M), dtype=q.dtype)
     _attention_forward(_rows_in_place(q), _rows_in_place(k), _rows_in_place(v), bias, q.dtype.type(scale),
                        o, probs)

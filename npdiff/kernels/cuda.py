@@ -730,7 +730,7 @@ def linear_forward(x, w, b):
     return to_host(linear(to_device(x), to_device(w), to_device(b) if b is not None else None))
 
 
-def attention_forward(q, k, v, key_mask, scale):
+def attention_forward(q, k, v, key_mask, scale, need_probs=True):
     """reference.attention_forward on the device: q (N, E, L, Dh), k v (N, E, M, Dh) ->
     (o (N, E, L, Dh), probs (N, E, L, M)); the kernel works on token layouts (N, L, E*Dh)."""
     N, E, L, Dh = q.shape
@@ -741,7 +741,7 @@ def attention_forward(q, k, v, key_mask, scale):
     mask = to_device(key_mask) if key_mask is not None else None
     o, p = attention(tokens(q), tokens(k), tokens(v), E, mask, scale=scale, probs=True)
     o = to_host(o).reshape(N, L, E, Dh).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(o), to_host(p)
+    return np.ascontiguousarray(o), (to_host(p) if need_probs else None)
 
 
 def _cpu():

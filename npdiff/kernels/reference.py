@@ -271,12 +271,13 @@ def linear_backward(dy, x, w, need_bias=True):
 # scaled dot-product attention (Vaswani et al. 2017, eq. 1)
 
 
-def attention_forward(q, k, v, key_mask, scale):
+def attention_forward(q, k, v, key_mask, scale, need_probs=True):
     """O = softmax(scale * Q K^T + mask) V over E heads.
 
     q (N, E, L, Dh), k and v (N, E, M, Dh), key_mask (N, M) bool (True = attend) or None.
     Every row of key_mask must have at least one True (the caller checks).
-    Returns (o (N, E, L, Dh), probs (N, E, L, M)); probs is what the backward pass needs.
+    Returns (o (N, E, L, Dh), probs (N, E, L, M)); probs is what the backward pass needs, None
+    when need_probs is False (a backend may then skip storing it).
     """
     s = (q @ k.transpose(0, 1, 3, 2)) * scale  # (N, E, L, M)
     if key_mask is not None:
@@ -284,7 +285,7 @@ def attention_forward(q, k, v, key_mask, scale):
     s -= s.max(axis=-1, keepdims=True)
     p = np.exp(s)  # exp(-inf) = 0 for masked keys
     p /= p.sum(axis=-1, keepdims=True)
-    return p @ v, p
+    return p @ v, (p if need_probs else None)
 
 
 def attention_backward(do, q, k, v, probs, scale):

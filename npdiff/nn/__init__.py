@@ -7,4 +7,5 @@
   text_encoder.py  the prompt encoder (TextEncoderConfig, init_text_encoder, text_encoder_forward, ...)
   optim.py         AdamW, EMA, gradient clipping, warmup + cosine learning rate
   gradcheck.py     finite-difference checks used by the tests
+  mode.py          inference(): forward passes that keep nothing for a backward pass
 """

@@ -16,6 +16,7 @@ import numpy as np
 
 from npdiff.kernels import get_backend
 from npdiff.nn.layers import linear_backward, linear_forward
+from npdiff.nn.mode import inference_active
 
 
 def check_key_mask(key_mask, N, M, what="key_mask"):
@@ -54,13 +55,17 @@ def attention_heads_forward(q, k, v, num_heads, key_mask=None):
         raise ValueError(f"attention width {D} does not split into {num_heads} heads")
     scale = 1.0 / math.sqrt(D // num_heads)  # a Python float keeps float32 arrays float32
     qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))  # (N, E, L|M, Dh)
-    oh, probs = get_backend().attention_forward(qh, kh, vh, key_mask, scale)
+    need_probs = not inference_active()  # only the backward pass reads them
+    oh, probs = get_backend().attention_forward(qh, kh, vh, key_mask, scale, need_probs)
     return _merge_heads(oh), (qh, kh, vh, probs, scale)
 
 
 def attention_heads_backward(do, cache):
     """-> (dq, dk, dv), each (N, L|M, D)."""
     qh, kh, vh, probs, scale = cache
+    if probs is None:
+        raise RuntimeError("attention backward: this forward ran inside npdiff.nn.mode.inference(), "
+                           "which keeps no attention probabilities; run it outside to train")
     E = qh.shape[1]
     dqh, dkh, dvh = get_backend().attention_backward(_split_heads(do, E), qh, kh, vh, probs, scale)
     return _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
