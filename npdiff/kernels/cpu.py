@@ -41,7 +41,6 @@ from npdiff.kernels.reference import conv2d_output_size  # noqa: F401  (same hel
 
 # columns of one im2col block: big enough for an efficient GEMM, small enough to stay in cache
 CONV_BLOCK_COLUMNS = 1024
-CONV_ROWS = True
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # reassociation lets LLVM vectorize sums, contraction fuses multiply-adds; infinities and NaNs keep
 # their IEEE meaning (no "nnan"/"ninf"), which the masked softmax and the exp limits rely on
@@ -321,17 +320,25 @@ def _conv2d_backward(dy, x, wmat, R, S, stride, padding, images_per_block, T, ne
 
 
 # ----------------------------------------------------------------------------------------------
-# stride-1 convolution: one GEMM per kernel tap on a zero-padded image, no im2col
+# stride-1 convolution: R GEMMs on a zero-padded image with each kernel row's taps stacked
 #
 # Pad image n to xp (C, Hp*Wp) (each channel a flat plane). Computing the output over the padded
 # width Wp instead of Q (the last S - 1 columns of each row are discarded) makes the input of tap
-# (r, s) one strided matrix, the window xp[:, r*Wp + s : r*Wp + s + P*Wp]:
-#     ye (K, P*Wp) = sum_{r,s} w[:, :, r, s] (K, C) @ xp[:, r*Wp + s + j]
-# so a 3x3 convolution is nine GEMMs accumulating into ye, reading the image in place: no R*S-fold
-# patch matrix is written. The same windows give dw_rs = dye @ window^T and dxp[window] += w_rs^T
-# dye. np.dot inside Numba can neither accumulate nor take a window with its own row stride, so
-# these GEMMs call numba_xxgemm, the BLAS entry point Numba's np.dot itself uses (SciPy's OpenBLAS,
-# single-threaded here), with the full BLAS argument list.
+# (r, s) one strided matrix, the window xp[:, r*Wp + s : r*Wp + s + P*Wp]. One GEMM per tap,
+#     ye (K, P*Wp) = sum_{r,s} w[:, :, r, s] (K, C) @ xp[:, r*Wp + s + j],
+# has an inner size of only C = 32..64, which keeps OpenBLAS far from its peak, and makes nine
+# passes over the output. Stacking the S horizontally shifted copies of the padded image,
+#     xs[c*S + s, j] = xp[c, j + s]                         (C*S, Hp*Wp)
+# turns each kernel row into one GEMM of inner size C*S:
+#     ye (K, P*Wp) += w_r (K, C*S) @ xs[:, r*Wp : r*Wp + P*Wp],  w_r[k, c*S + s] = w[k, c, r, s]
+# for an S-fold copy of the input (not the R*S-fold of im2col). The weight gradient is R GEMMs the
+# same way, dw_r = dye @ window_r^T, and the input gradient is itself a stride-1 convolution: dy
+# padded by R - 1 - padding with the kernel flipped and its channel axes swapped.
+# Measured at the U-Net's training shapes: as fast as nine per-tap GEMMs overall (within 2%),
+# faster at 64+ channels, slower at 32; full im2col of the padded image (inner size C*R*S) was
+# 1.1-2x slower than either. np.dot inside Numba can neither accumulate nor take a window with its
+# own row stride, so these GEMMs call numba_xxgemm, the BLAS entry point Numba's np.dot itself uses
+# (SciPy's OpenBLAS, single-threaded here), with the full BLAS argument list.
 
 _GEMM_SIG = types.intc(types.char, types.char, types.char, types.intp, types.intp, types.intp,
                        types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,
@@ -365,105 +372,6 @@ def _pad_planes(x_n, padding, Wp, xp):
             o = (h + padding) * Wp + padding
             for w in range(W):
                 dst[o + w] = src[w]
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _conv2d_forward_taps(x, wtaps, b, R, S, padding, kblocks, T, y):
-    # x (N, C, H, W), wtaps (R*S, K, C) = w[:, :, r, s] per tap, b (K,), y (N, K, P, Q); stride 1
-    N, C, H, W = x.shape
-    K = wtaps.shape[1]
-    P, Q = y.shape[2], y.shape[3]
-    Wp = W + 2 * padding
-    plane = (H + 2 * padding) * Wp + S - 1  # the last tap's window reads S - 1 values past the image
-    L = P * Wp  # output positions per channel over the padded width
-    kb = (K + kblocks - 1) // kblocks  # output channels per work item (kblocks > 1 when N < T)
-    wf = wtaps.reshape(-1)
-    for t in prange(T):
-        xp = np.zeros((C, plane), dtype=x.dtype)
-        ye = np.empty((K, L), dtype=x.dtype)
-        xf, yf = xp.reshape(-1), ye.reshape(-1)
-        for item in range(t, N * kblocks, T):
-            n, k0 = item // kblocks, (item % kblocks) * kb
-            k1 = min(K, k0 + kb)
-            if k0 >= k1:
-                continue
-            _pad_planes(x[n], padding, Wp, xp)
-            for r in range(R):
-                for s in range(S):
-                    # ye[k, j] (+)= sum_c w[k, c, r, s] xp[c, j + r*Wp + s]
-                    _gemm(False, False, k1 - k0, L, C, wf[((r * S + s) * K + k0) * C:], C,
-                          xf[r * Wp + s:], plane, 0.0 if r + s == 0 else 1.0, yf[k0 * L:], L)
-            for k in range(k0, k1):
-                bk = b[k]
-                for p in range(P):
-                    yr = y[n, k, p]
-                    o = p * Wp
-                    for q in range(Q):
-                        yr[q] = ye[k, o + q] + bk
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _conv2d_backward_taps(dy, x, wtaps, R, S, padding, T, need_dx, dw_parts, db_parts, dx):
-    # dy (N, K, P, Q), x (N, C, H, W), wtaps (R*S, K, C); dw_parts (T, R*S, K, C), db_parts (T, K)
-    N, C, H, W = x.shape
-    K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
-    Wp = W + 2 * padding
-    plane = (H + 2 * padding) * Wp + S - 1
-    L = P * Wp
-    wf = wtaps.reshape(-1)
-    for t in prange(T):
-        xp = np.zeros((C, plane), dtype=x.dtype)
-        dye = np.zeros((K, L), dtype=x.dtype)  # the discarded columns q >= Q stay zero
-        dxp = np.empty((C, plane), dtype=x.dtype)
-        xf, dyf, dxf = xp.reshape(-1), dye.reshape(-1), dxp.reshape(-1)
-        dwf = dw_parts[t].reshape(-1)
-        dwf[:] = 0.0
-        db_parts[t, :] = 0.0
-        for n in range(t, N, T):
-            _pad_planes(x[n], padding, Wp, xp)
-            for k in range(K):
-                acc = 0.0
-                for p in range(P):
-                    src = dy[n, k, p]
-                    o = p * Wp
-                    for q in range(Q):
-                        v = src[q]
-                        dye[k, o + q] = v
-                        acc += v
-                db_parts[t, k] += acc
-            for r in range(R):
-                for s in range(S):
-                    # forward: ye[k, j] = sum_c w_rs[k, c] xp[c, j + off]
-                    #   ->  dw_rs[k, c] += sum_j dye[k, j] xp[c, j + off]
-                    _gemm(False, True, K, C, L, dyf, L, xf[r * Wp + s:], plane, 1.0,
-                          dwf[(r * S + s) * K * C:], C)
-            if need_dx:
-                dxf[:] = 0.0
-                for r in range(R):
-                    for s in range(S):
-                        # ... ->  dxp[c, j + off] += sum_k w_rs[k, c] dye[k, j]
-                        _gemm(True, False, C, L, K, wf[(r * S + s) * K * C:], C, dyf, L, 1.0,
-                              dxf[r * Wp + s:], plane)
-                for c in range(C):
-                    for h in range(H):
-                        dst = dx[n, c, h]
-                        o = (h + padding) * Wp + padding
-                        for w in range(W):
-                            dst[w] = dxp[c, o + w]
-
-
-# ----------------------------------------------------------------------------------------------
-# stride-1 convolution with the S taps of a kernel row stacked: R GEMMs of inner size C*S
-#
-# The taps above multiply (K, C) by (C, L) nine times: an inner size of only C = 32..64, which
-# keeps OpenBLAS far from its peak, and nine passes over the output. Stacking the S horizontally
-# shifted copies of the padded image,
-#     xs[c*S + s, j] = xp[c, j + s]                         (C*S, Hp*Wp)
-# turns each kernel row into one GEMM of inner size C*S:
-#     ye (K, P*Wp) += w_r (K, C*S) @ xs[:, r*Wp : r*Wp + P*Wp],  w_r[k, c*S + s] = w[k, c, r, s]
-# for an S-fold copy of the input (not the R*S-fold of im2col). The weight gradient is R GEMMs the
-# same way, dw_r = dye @ window_r^T, and the input gradient is itself a stride-1 convolution: dy
-# padded by R - 1 - padding with the kernel flipped and its channel axes swapped.
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -579,17 +487,12 @@ def conv2d_forward(x, w, b, stride, padding):
     K, _, R, S = w.shape
     P, Q = conv2d_output_size(H, W, R, S, stride, padding)
     x = np.ascontiguousarray(x)
-    wmat = np.ascontiguousarray(w).reshape(K, C * R * S)
     bias = np.zeros(K, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
+    if stride == 1:
+        return _conv_stride1(x, np.ascontiguousarray(w), bias, padding)
+    wmat = np.ascontiguousarray(w).reshape(K, C * R * S)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     T = _threads()
-    if stride == 1 and CONV_ROWS:
-        return _conv_stride1(x, np.ascontiguousarray(w), bias, padding)
-    if stride == 1:
-        wtaps = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(R * S, K, C)
-        kblocks = min(K, T // math.gcd(N, T))  # split the channels when images alone leave threads idle
-        _conv2d_forward_taps(x, wtaps, bias, R, S, padding, kblocks, T, y)
-        return y
     _conv2d_forward(x, wmat, bias, R, S, stride, padding, P, Q, _rows_per_block(N, P, Q, T), T, y)
     return y
 
@@ -602,7 +505,7 @@ def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
     K, _, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
     T = _threads()
-    if stride == 1 and CONV_ROWS and R == S and padding <= R - 1:
+    if stride == 1 and R == S and padding <= R - 1:  # dx: a square kernel, padding >= 0
         x = np.ascontiguousarray(x)
         dy = np.ascontiguousarray(dy)
         dw_parts = np.empty((T, R, K, C * S), dtype=x.dtype)
@@ -614,15 +517,6 @@ def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
             wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             dx = _conv_stride1(dy, wflip, np.zeros(C, dtype=x.dtype), R - 1 - padding)
         return dx, dw, db_parts.sum(axis=0)
-    if stride == 1:
-        dx = np.empty((N, C, H, W), dtype=x.dtype) if need_dx else np.empty((0, C, H, W), dtype=x.dtype)
-        dw_parts = np.empty((T, R * S, K, C), dtype=x.dtype)
-        db_parts = np.empty((T, K), dtype=x.dtype)
-        wtaps = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(R * S, K, C)
-        _conv2d_backward_taps(np.ascontiguousarray(dy), np.ascontiguousarray(x), wtaps, R, S, padding,
-                              T, need_dx, dw_parts, db_parts, dx)
-        dw = np.ascontiguousarray(dw_parts.sum(axis=0).reshape(R, S, K, C).transpose(2, 3, 0, 1))
-        return (dx if need_dx else None), dw, db_parts.sum(axis=0)
     per_block = max(1, min(CONV_BLOCK_COLUMNS // (P * Q), -(-N // T)))
     dw_parts = np.empty((T, K, C * R * S), dtype=x.dtype)
     db_parts = np.empty((T, K), dtype=x.dtype)
