@@ -459,11 +459,157 @@ def _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts):
                 _gemm(False, True, K, CS, L, dyf, L, xf[r * Wp:], F, 1.0, dwf[r * K * CS:], CS)
 
 
+# ----------------------------------------------------------------------------------------------
+# 3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray 2016,
+# "Fast Algorithms for Convolutional Neural Networks")
+#
+# Each 2x2 block of outputs (a tile) is computed from the 4x4 input patch d that covers it as
+#     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, 16 products)
+# with g the 3x3 kernel and
+#     B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+#     G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+#     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+# Summed over input channels, the 16 elementwise products become 16 GEMMs,
+#     M[xi] (K, tiles) = U[xi] (K, C) @ V[xi] (C, tiles),  U = G g G^T, V = B^T d B,
+# with 16 multiplies per tile and channel pair where direct convolution needs 36: 2.25x fewer
+# flops, paid for by the two transforms (adds only, every coefficient 0, +-1 or +-1/2, so float32
+# rounding stays that of a sum of a few terms). A work item is one image's run of tile rows,
+# up to 256 tiles: its V and M stay in the core's cache between the transforms and the GEMMs.
+# Measured against the stacked-row GEMMs at the U-Net's shapes: 1.1-2.2x faster from 8 input
+# channels up, slower for the 3-channel input convolution, which keeps the rows.
+
+WINOGRAD_MIN_CHANNELS = 8
+_WINOGRAD_TILES = 256  # tiles per work item
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _winograd_weights(w, U):
+    # w (K, C, 3, 3) -> U (16, K, C), U[4a + b, k, c] = (G w[k, c] G^T)[a, b]
+    K, C = w.shape[0], w.shape[1]
+    t = np.empty((4, 3), dtype=w.dtype)
+    for k in range(K):
+        for c in range(C):
+            g = w[k, c]
+            for s in range(3):  # G g
+                g0, g1, g2 = g[0, s], g[1, s], g[2, s]
+                t[0, s] = g0
+                t[1, s] = 0.5 * (g0 + g1 + g2)
+                t[2, s] = 0.5 * (g0 - g1 + g2)
+                t[3, s] = g2
+            for a in range(4):  # (G g) G^T
+                t0, t1, t2 = t[a, 0], t[a, 1], t[a, 2]
+                U[4 * a, k, c] = t0
+                U[4 * a + 1, k, c] = 0.5 * (t0 + t1 + t2)
+                U[4 * a + 2, k, c] = 0.5 * (t0 - t1 + t2)
+                U[4 * a + 3, k, c] = t2
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv3x3_winograd(x, U, b, padding, rows_per_item, T, y):
+    # x (N, C, H, W), U (16, K, C), b (K,), y (N, K, P, Q) with P = H + 2 padding - 2; an item is
+    # rows_per_item tile rows of one image
+    N, C, H, W = x.shape
+    K = U.shape[1]
+    P, Q = y.shape[2], y.shape[3]
+    th, tw = (P + 1) // 2, (Q + 1) // 2  # tiles down and across (a last odd row/column is cropped)
+    blocks = (th + rows_per_item - 1) // rows_per_item
+    Wp = 2 * tw + 2
+    Uf = U.reshape(-1)
+    for t in prange(T):
+        ntb = rows_per_item * tw
+        xp = np.zeros((C, 2 * rows_per_item + 2, Wp), dtype=x.dtype)  # padded input rows of one item
+        V = np.empty((16, C, ntb), dtype=x.dtype)
+        M = np.empty((16, K, ntb), dtype=x.dtype)
+        u = np.empty((4, Wp), dtype=x.dtype)
+        s = np.empty((8, tw), dtype=x.dtype)
+        yr = np.empty(2 * tw, dtype=x.dtype)
+        Vf, Mf = V.reshape(-1), M.reshape(-1)
+        for item in range(t, N * blocks, T):
+            n, blk = item // blocks, item % blocks
+            i0 = blk * rows_per_item
+            i1 = min(th, i0 + rows_per_item)
+            nt = (i1 - i0) * tw
+            for c in range(C):  # input rows 2 i0 - padding ... ; the border columns stay zero
+                for a in range(2 * (i1 - i0) + 2):
+                    h = 2 * i0 - padding + a
+                    row = xp[c, a]
+                    if 0 <= h < H:
+                        src = x[n, c, h]
+                        for q in range(W):
+                            row[padding + q] = src[q]
+                    else:
+                        row[:] = 0.0
+            # V = B^T d B: first the four rows of B^T d for a whole row of tiles, then B on each
+            for c in range(C):
+                for ii in range(i1 - i0):
+                    r0, r1, r2, r3 = xp[c, 2 * ii], xp[c, 2 * ii + 1], xp[c, 2 * ii + 2], xp[c, 2 * ii + 3]
+                    for q in range(Wp):
+                        u[0, q] = r0[q] - r2[q]
+                        u[1, q] = r1[q] + r2[q]
+                        u[2, q] = r2[q] - r1[q]
+                        u[3, q] = r1[q] - r3[q]
+                    o = ii * tw
+                    for a in range(4):  # one loop per output stream: each vectorizes
+                        ua = u[a]
+                        v0, v1, v2, v3 = V[4 * a, c], V[4 * a + 1, c], V[4 * a + 2, c], V[4 * a + 3, c]
+                        for j in range(tw):
+                            v0[o + j] = ua[2 * j] - ua[2 * j + 2]
+                        for j in range(tw):
+                            v1[o + j] = ua[2 * j + 1] + ua[2 * j + 2]
+                        for j in range(tw):
+                            v2[o + j] = ua[2 * j + 2] - ua[2 * j + 1]
+                        for j in range(tw):
+                            v3[o + j] = ua[2 * j + 1] - ua[2 * j + 3]
+            for xi in range(16):
+                _gemm(False, False, K, nt, C, Uf[xi * K * C:], C, Vf[xi * C * ntb:], ntb, 0.0,
+                      Mf[xi * K * ntb:], ntb)
+            # Y = A^T M A, plus the bias
+            for k in range(K):
+                bk = b[k]
+                for ii in range(i1 - i0):
+                    o = ii * tw
+                    for c4 in range(4):  # the two rows of A^T M, column c4 of M
+                        m0, m1, m2, m3 = M[c4, k], M[4 + c4, k], M[8 + c4, k], M[12 + c4, k]
+                        s0, s1 = s[c4], s[4 + c4]
+                        for j in range(tw):
+                            s0[j] = m0[o + j] + m1[o + j] + m2[o + j]
+                        for j in range(tw):
+                            s1[j] = m1[o + j] - m2[o + j] - m3[o + j]
+                    p0 = 2 * (i0 + ii)
+                    for rr in range(min(2, P - p0)):
+                        t0, t1, t2, t3 = s[4 * rr], s[4 * rr + 1], s[4 * rr + 2], s[4 * rr + 3]
+                        for j in range(tw):
+                            yr[2 * j] = t0[j] + t1[j] + t2[j] + bk
+                            yr[2 * j + 1] = t1[j] - t2[j] - t3[j] + bk
+                        dst = y[n, k, p0 + rr]
+                        for q in range(Q):
+                            dst[q] = yr[q]
+
+
+def _conv3x3_stride1_winograd(x, w, bias, padding):
+    N, C, H, W = x.shape
+    K = w.shape[0]
+    P, Q = conv2d_output_size(H, W, 3, 3, 1, padding)
+    T = _threads()
+    th, tw = (P + 1) // 2, (Q + 1) // 2
+    rows = max(1, min(th, _WINOGRAD_TILES // tw))
+    if N * -(-th // rows) < T:  # too few items for the threads: split the images finer
+        rows = max(1, -(-th // -(-T // N)))
+    U = np.empty((16, K, C), dtype=x.dtype)
+    _winograd_weights(w, U)
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    _conv3x3_winograd(x, U, bias, padding, rows, T, y)
+    return y
+
+
 def _conv_stride1(x, w, bias, padding):
-    """y = conv2d(x, w) + bias at stride 1 by the stacked-row GEMMs; x, w contiguous, one dtype."""
+    """y = conv2d(x, w) + bias at stride 1: Winograd for 3x3 kernels on 8+ channels, else the
+    stacked-row GEMMs; x, w contiguous, one dtype."""
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     P, Q = conv2d_output_size(H, W, R, S, 1, padding)
+    if R == 3 and S == 3 and C >= WINOGRAD_MIN_CHANNELS and 0 <= padding <= 2:
+        return _conv3x3_stride1_winograd(x, w, bias, padding)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     T = _threads()
     wrows = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(R, K, C * S)
