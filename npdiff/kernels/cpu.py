@@ -504,117 +504,86 @@ def _winograd_weights(w, U):
                 U[4 * a + 3, k, c] = t2
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _winograd_input(x_n, padding, i0, i1, xp, u, V):
-    """V[:, c, tile] = B^T d B for the tiles in tile rows i0..i1 of image x_n (C, H, W)."""
-    C, H, W = x_n.shape
-    Wp = xp.shape[2]
-    tw = (Wp - 2) // 2
-    for c in range(C):  # input rows 2 i0 - padding ... ; the border columns stay zero
-        for a in range(2 * (i1 - i0) + 2):
-            h = 2 * i0 - padding + a
-            row = xp[c, a]
-            if 0 <= h < H:
-                src = x_n[c, h]
-                for q in range(W):
-                    row[padding + q] = src[q]
-            else:
-                row[:] = 0.0
-    # first the four rows of B^T d for a whole row of tiles, then B on each
-    for c in range(C):
-        for ii in range(i1 - i0):
-            r0, r1, r2, r3 = xp[c, 2 * ii], xp[c, 2 * ii + 1], xp[c, 2 * ii + 2], xp[c, 2 * ii + 3]
-            for q in range(Wp):
-                u[0, q] = r0[q] - r2[q]
-                u[1, q] = r1[q] + r2[q]
-                u[2, q] = r2[q] - r1[q]
-                u[3, q] = r1[q] - r3[q]
-            o = ii * tw
-            for a in range(4):  # one loop per output stream: each vectorizes
-                ua = u[a]
-                v0, v1, v2, v3 = V[4 * a, c], V[4 * a + 1, c], V[4 * a + 2, c], V[4 * a + 3, c]
-                for j in range(tw):
-                    v0[o + j] = ua[2 * j] - ua[2 * j + 2]
-                for j in range(tw):
-                    v1[o + j] = ua[2 * j + 1] + ua[2 * j + 2]
-                for j in range(tw):
-                    v2[o + j] = ua[2 * j + 2] - ua[2 * j + 1]
-                for j in range(tw):
-                    v3[o + j] = ua[2 * j + 1] - ua[2 * j + 3]
-
-
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _winograd_output(M, b, i0, i1, s, yr, y_n):
-    """y_n[k] in tile rows i0..i1 = A^T M A + b[k], M (16, K, tiles)."""
-    K, P, Q = y_n.shape
-    tw = s.shape[1]
-    for k in range(K):
-        bk = b[k]
-        for ii in range(i1 - i0):
-            o = ii * tw
-            for c4 in range(4):  # the two rows of A^T M, column c4 of M
-                m0, m1, m2, m3 = M[c4, k], M[4 + c4, k], M[8 + c4, k], M[12 + c4, k]
-                s0, s1 = s[c4], s[4 + c4]
-                for j in range(tw):
-                    s0[j] = m0[o + j] + m1[o + j] + m2[o + j]
-                for j in range(tw):
-                    s1[j] = m1[o + j] - m2[o + j] - m3[o + j]
-            p0 = 2 * (i0 + ii)
-            for rr in range(min(2, P - p0)):
-                t0, t1, t2, t3 = s[4 * rr], s[4 * rr + 1], s[4 * rr + 2], s[4 * rr + 3]
-                for j in range(tw):
-                    yr[2 * j] = t0[j] + t1[j] + t2[j] + bk
-                    yr[2 * j + 1] = t1[j] - t2[j] - t3[j] + bk
-                dst = y_n[k, p0 + rr]
-                for q in range(Q):
-                    dst[q] = yr[q]
-
-
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _winograd_items(x, U, b, padding, rows_per_item, y, t, T):
-    """Work items t, t + T, ... of a Winograd convolution, each rows_per_item tile rows of one image."""
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _conv3x3_winograd(x, U, b, padding, rows_per_item, T, y):
+    # x (N, C, H, W), U (16, K, C), b (K,), y (N, K, P, Q) with P = H + 2 padding - 2; an item is
+    # rows_per_item tile rows of one image
     N, C, H, W = x.shape
     K = U.shape[1]
     P, Q = y.shape[2], y.shape[3]
     th, tw = (P + 1) // 2, (Q + 1) // 2  # tiles down and across (a last odd row/column is cropped)
     blocks = (th + rows_per_item - 1) // rows_per_item
-    ntb = rows_per_item * tw
-    xp = np.zeros((C, 2 * rows_per_item + 2, 2 * tw + 2), dtype=x.dtype)  # padded input rows
-    V = np.empty((16, C, ntb), dtype=x.dtype)
-    M = np.empty((16, K, ntb), dtype=x.dtype)
-    u = np.empty((4, 2 * tw + 2), dtype=x.dtype)
-    s = np.empty((8, tw), dtype=x.dtype)
-    yr = np.empty(2 * tw, dtype=x.dtype)
-    Uf, Vf, Mf = U.reshape(-1), V.reshape(-1), M.reshape(-1)
-    for item in range(t, N * blocks, T):
-        n, blk = item // blocks, item % blocks
-        i0 = blk * rows_per_item
-        i1 = min(th, i0 + rows_per_item)
-        _winograd_input(x[n], padding, i0, i1, xp, u, V)
-        for xi in range(16):
-            _gemm(False, False, K, (i1 - i0) * tw, C, Uf[xi * K * C:], C, Vf[xi * C * ntb:], ntb, 0.0,
-                  Mf[xi * K * ntb:], ntb)
-        _winograd_output(M, b, i0, i1, s, yr, y[n])
-
-
-_POOL = None
-
-
-def _run_threads(fn, T, *args):
-    """fn(*args, t, T) for t = 0..T-1 on T threads (this one included); fn must be a nogil
-    function. Used where a Numba parallel loop would cost far more compile time than it saves:
-    a prange around _winograd_items took 19 s to compile, the function itself 9 s."""
-    global _POOL
-    if T == 1:
-        fn(*args, 0, 1)
-        return
-    if _POOL is None or _POOL._max_workers < T - 1:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=T - 1, thread_name_prefix="npdiff")
-    others = [_POOL.submit(fn, *args, t, T) for t in range(1, T)]
-    fn(*args, 0, T)
-    for f in others:
-        f.result()
+    Wp = 2 * tw + 2
+    Uf = U.reshape(-1)
+    for t in prange(T):
+        ntb = rows_per_item * tw
+        xp = np.zeros((C, 2 * rows_per_item + 2, Wp), dtype=x.dtype)  # padded input rows of one item
+        V = np.empty((16, C, ntb), dtype=x.dtype)
+        M = np.empty((16, K, ntb), dtype=x.dtype)
+        u = np.empty((4, Wp), dtype=x.dtype)
+        s = np.empty((8, tw), dtype=x.dtype)
+        yr = np.empty(2 * tw, dtype=x.dtype)
+        Vf, Mf = V.reshape(-1), M.reshape(-1)
+        for item in range(t, N * blocks, T):
+            n, blk = item // blocks, item % blocks
+            i0 = blk * rows_per_item
+            i1 = min(th, i0 + rows_per_item)
+            nt = (i1 - i0) * tw
+            for c in range(C):  # input rows 2 i0 - padding ... ; the border columns stay zero
+                for a in range(2 * (i1 - i0) + 2):
+                    h = 2 * i0 - padding + a
+                    row = xp[c, a]
+                    if 0 <= h < H:
+                        src = x[n, c, h]
+                        for q in range(W):
+                            row[padding + q] = src[q]
+                    else:
+                        row[:] = 0.0
+            # V = B^T d B: first the four rows of B^T d for a whole row of tiles, then B on each
+            for c in range(C):
+                for ii in range(i1 - i0):
+                    r0, r1, r2, r3 = xp[c, 2 * ii], xp[c, 2 * ii + 1], xp[c, 2 * ii + 2], xp[c, 2 * ii + 3]
+                    for q in range(Wp):
+                        u[0, q] = r0[q] - r2[q]
+                        u[1, q] = r1[q] + r2[q]
+                        u[2, q] = r2[q] - r1[q]
+                        u[3, q] = r1[q] - r3[q]
+                    o = ii * tw
+                    for a in range(4):  # one loop per output stream: each vectorizes
+                        ua = u[a]
+                        v0, v1, v2, v3 = V[4 * a, c], V[4 * a + 1, c], V[4 * a + 2, c], V[4 * a + 3, c]
+                        for j in range(tw):
+                            v0[o + j] = ua[2 * j] - ua[2 * j + 2]
+                        for j in range(tw):
+                            v1[o + j] = ua[2 * j + 1] + ua[2 * j + 2]
+                        for j in range(tw):
+                            v2[o + j] = ua[2 * j + 2] - ua[2 * j + 1]
+                        for j in range(tw):
+                            v3[o + j] = ua[2 * j + 1] - ua[2 * j + 3]
+            for xi in range(16):
+                _gemm(False, False, K, nt, C, Uf[xi * K * C:], C, Vf[xi * C * ntb:], ntb, 0.0,
+                      Mf[xi * K * ntb:], ntb)
+            # Y = A^T M A, plus the bias
+            for k in range(K):
+                bk = b[k]
+                for ii in range(i1 - i0):
+                    o = ii * tw
+                    for c4 in range(4):  # the two rows of A^T M, column c4 of M
+                        m0, m1, m2, m3 = M[c4, k], M[4 + c4, k], M[8 + c4, k], M[12 + c4, k]
+                        s0, s1 = s[c4], s[4 + c4]
+                        for j in range(tw):
+                            s0[j] = m0[o + j] + m1[o + j] + m2[o + j]
+                        for j in range(tw):
+                            s1[j] = m1[o + j] - m2[o + j] - m3[o + j]
+                    p0 = 2 * (i0 + ii)
+                    for rr in range(min(2, P - p0)):
+                        t0, t1, t2, t3 = s[4 * rr], s[4 * rr + 1], s[4 * rr + 2], s[4 * rr + 3]
+                        for j in range(tw):
+                            yr[2 * j] = t0[j] + t1[j] + t2[j] + bk
+                            yr[2 * j + 1] = t1[j] - t2[j] - t3[j] + bk
+                        dst = y[n, k, p0 + rr]
+                        for q in range(Q):
+                            dst[q] = yr[q]
 
 
 def _conv3x3_stride1_winograd(x, w, bias, padding):
@@ -629,7 +598,7 @@ def _conv3x3_stride1_winograd(x, w, bias, padding):
     U = np.empty((16, K, C), dtype=x.dtype)
     _winograd_weights(w, U)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    _run_threads(_winograd_items, T, x, U, bias, padding, rows, y)
+    _conv3x3_winograd(x, U, bias, padding, rows, T, y)
     return y
 
 
