@@ -112,6 +112,21 @@ _F127 = np.float32(127.0)
 _F2_23 = np.float32(2.0 ** 23)
 
 
+@njit(inline="always", fastmath=_FASTMATH)
+def _exp32_parts(v):
+    """(exp(r), k) with v = k ln2 + r, for float32 v clamped to the finite range; exp(v) = exp(r) 2^k."""
+    x = min(max(v, _EXP_XMIN), _EXP_XMAX)
+    kf = np.floor(x * _LOG2E + _HALF32)
+    r = (x - kf * _LN2_HI) - kf * _LN2_LO
+    p = _E7 * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + _ONE32
+    return p * r + _ONE32, kf
+
+
 def fast_exp(v):
     """exp(v); compiled code gets the float32 version below."""
     return math.exp(v)
@@ -121,16 +136,7 @@ def fast_exp(v):
 def _fast_exp_overload(v):
     if isinstance(v, types.Float) and v.bitwidth == 32:
         def exp32(v):
-            x = min(max(v, _EXP_XMIN), _EXP_XMAX)
-            kf = np.floor(x * _LOG2E + _HALF32)
-            r = (x - kf * _LN2_HI) - kf * _LN2_LO
-            p = _E7 * r + _E6
-            p = p * r + _E5
-            p = p * r + _E4
-            p = p * r + _E3
-            p = p * r + _E2
-            p = p * r + _ONE32
-            p = p * r + _ONE32
+            p, kf = _exp32_parts(v)
             e = p * _POW2[min(max(np.int32(kf) + 127, 0), 255)]  # clamped: NaN converts to any integer
             return e if v >= _EXP_XMIN else (_ZERO32 if v < _EXP_XMIN else v)  # exp(NaN) = NaN
         return exp32
@@ -154,16 +160,7 @@ def _exp_inplace_overload(a, bits):
             M = a.shape[0]
             for j in range(M):
                 v = a[j]
-                x = min(max(v, _EXP_XMIN), _EXP_XMAX)
-                kf = np.floor(x * _LOG2E + _HALF32)
-                r = (x - kf * _LN2_HI) - kf * _LN2_LO
-                p = _E7 * r + _E6
-                p = p * r + _E5
-                p = p * r + _E4
-                p = p * r + _E3
-                p = p * r + _E2
-                p = p * r + _ONE32
-                p = p * r + _ONE32
+                p, kf = _exp32_parts(v)
                 a[j] = p if v >= _EXP_XMIN else (_ZERO32 if v < _EXP_XMIN else _NAN32)  # exp(NaN) = NaN
                 bits[j] = np.int32((kf + _F127) * _F2_23)  # (k + 127) << 23, in float: exact
             pow2 = bits.view(np.float32)
