@@ -604,9 +604,9 @@ def _conv_stride1(x, w, bias, padding):
     stacked-row GEMMs; x, w contiguous, one dtype."""
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P, Q = conv2d_output_size(H, W, R, S, 1, padding)
     if R == 3 and S == 3 and C >= WINOGRAD_MIN_CHANNELS and 0 <= padding <= 2:
         return _conv3x3_stride1_winograd(x, w, bias, padding)
+    P, Q = conv2d_output_size(H, W, R, S, 1, padding)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     T = _threads()
     wrows = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(R, K, C * S)
