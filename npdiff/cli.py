@@ -136,6 +136,7 @@ def _recreate(args) -> int:
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"{source} was made on the {recipe['backend']!r} backend, which is not available "
                              f"here ({e}); pass --backend to re-make it on another (the pixels may then differ)") from None
+    recipe = {**recipe, "backend": backend_name()}       # the new image records where it was made
     _check_outdir(Path(args.outdir))
     if args.trajectory:
         _check_output_file(Path(args.trajectory), ".gif", "--trajectory")
@@ -540,6 +541,8 @@ def _write_new(outdir: Path, name_for, numbered: str, data: bytes) -> str:
 # explain
 
 def add_explain(sub) -> None:
+    from npdiff.pipeline import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+
     p = sub.add_parser("explain", help="teaching views: noising, schedules, a denoising trajectory",
                        description="Write three PNGs to --outdir: noising.png (an image noised at the chosen t by "
                                    "each beta schedule), schedules.png (alpha-bar and log SNR against t for each "
@@ -551,9 +554,10 @@ def add_explain(sub) -> None:
     p.add_argument("--t", default="0,50,100,250,500,750,1000", help="comma-separated t values for noising.png")
     p.add_argument("--model", default=None, help="model folder for the trajectory (default: the shipped model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp-2m")
-    p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"sampler of the trajectory (default {DEFAULT_SAMPLER})")
+    p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=DEFAULT_CFG,
+                   help=f"guidance scale of the trajectory (default {DEFAULT_CFG:g})")
     p.add_argument("--outdir", default="explain", help="output folder (default ./explain); files are replaced")
     p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference, cuda")
     p.set_defaults(func=cmd_explain)

@@ -225,6 +225,7 @@ def test_from_on_another_backend_is_within_the_stated_tolerance(capsys, model_di
     assert levels <= 1
     if levels:
         assert f"pixels differ by up to {levels} of 255 levels" in err
+    assert (recipe_of(made)["backend"], recipe_of(again[0])["backend"]) == ("cpu", "reference")
 
 
 def test_chaos_spreads_the_guidance_scales(capsys, model_dir, tmp_path):
