@@ -302,8 +302,16 @@ def _edit(args, operation: str, prompt_text: str | None, *, remix: bool = False,
 # pieces of the drawing commands
 
 class _Loaded:
-    def __init__(self, model, hash_, name):
-        self.model, self.hash, self.name = model, hash_, name
+    def __init__(self, model, hash_, name, path):
+        self.model, self.hash, self.name, self.path = model, hash_, name, path
+
+    def compile_kernels(self) -> None:
+        """Before the first network evaluation: on the cpu backend with a cold kernel cache, compile
+        the kernels on two cores at once (npdiff.kernels.warmup); otherwise nothing."""
+        from npdiff.kernels import backend_name
+        if backend_name() == "cpu":
+            from npdiff.kernels.warmup import compile_in_two_processes
+            compile_in_two_processes(self.model, self.path)
 
 
 def _load_model(arg) -> _Loaded:
@@ -316,7 +324,7 @@ def _load_model(arg) -> _Loaded:
                          "`python -m npdiff train` and pass --model runs/shapes/model")
     model = Model.load(model_dir)
     name = "npdiff-default" if arg is None else model_dir.resolve().name
-    return _Loaded(model, model_hash(model_dir / MODEL_FILE), name)
+    return _Loaded(model, model_hash(model_dir / MODEL_FILE), name, model_dir)
 
 
 def _settings(args, prompt_text: str, *, inherit: dict | None = None, n_default: int = 4, extra=()) -> tuple[str, dict]:
@@ -471,6 +479,7 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
         left, right = make_grid(to_uint8(x_t), rows=rows), make_grid(to_uint8(x0_pred), rows=rows)
         frames.append(np.concatenate([left, np.full((left.shape[0], 2, 3), 255, np.uint8), right], axis=1))
 
+    loaded.compile_kernels()
     images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet,
                         callback=keep_frame if trajectory else None, source=getattr(args, "from_image", None) or "the recipe")
     outdir = Path(args.outdir)
@@ -596,6 +605,7 @@ def cmd_explain(args) -> int:
              "schedules.png": explain.schedule_curves()}
     if loaded is not None:
         from npdiff.pipeline import Pipeline
+        loaded.compile_kernels()
         frames = explain.record_trajectory(Pipeline(loaded.model), args.prompt, seed=args.seed, steps=args.steps,
                                            sampler=args.sampler, guidance_scale=args.cfg)
         views["trajectory.png"] = explain.trajectory_strip(frames)
@@ -736,6 +746,7 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_output_file(Path(args.json), ".json", "--json")
     loaded = _load_model(args.model)
+    loaded.compile_kernels()
     results = evaluate(Pipeline(loaded.model), n_per_prompt=args.n, guidance_scales=scales, steps=args.steps,
                        seed=args.seed, progress=sys.stderr.isatty())
     print(format_table(results))
