@@ -178,6 +178,13 @@ def _threads():
     return numba.get_num_threads()
 
 
+@njit(cache=True)
+def _cache_probe(x):
+    """Compiles in a moment; whether its first call here loads it from the disk cache tells
+    whether the cache holds this file's kernels (npdiff.kernels.warmup)."""
+    return x + 1
+
+
 def _fast(*arrays):
     """True when every array is float32 or every array is float64 (the compiled signatures)."""
     dt = arrays[0].dtype

@@ -31,9 +31,9 @@ from npdiff.kernels import cpu
 # Kernels the helper process compiles: about half of the compile time, measured on the 2-core
 # machine of the README (the Winograd convolution alone takes 20 s of it). FIRST_HALF is every other
 # kernel a forward calls from Python; kernels called only from compiled code compile with their callers.
-SECOND_HALF = ("_conv3x3_winograd", "_winograd_weights", "_conv2d_forward", "_linear_forward")
+SECOND_HALF = ("_conv3x3_winograd", "_winograd_weights", "_conv2d_forward")
 FIRST_HALF = ("_conv2d_forward_rows", "_group_norm_forward", "_group_norm_silu_forward", "_layer_norm_forward",
-              "_silu_forward", "_gelu_forward", "_attention_forward_no_probs")
+              "_silu_forward", "_gelu_forward", "_linear_forward", "_attention_forward_no_probs")
 
 WARMUP_SIZE = 16  # pixels a side of the tiny forward
 
@@ -56,9 +56,10 @@ def _stubbed(names):
 
 
 def cache_is_cold() -> bool:
-    """True when the disk cache lacks the kernels (judged by one cheap kernel, compiled here if so)."""
-    cpu.silu_forward(np.zeros(8, dtype=np.float32))
-    return bool(cpu._silu_forward.stats.cache_misses)
+    """True when the disk cache lacks the kernels of npdiff/kernels/cpu.py (they are all kept or
+    all dropped together, as the cache follows the file's modification time)."""
+    cpu._cache_probe(1)
+    return bool(cpu._cache_probe.stats.cache_misses)
 
 
 def tiny_forward(model, skip=()) -> None:
