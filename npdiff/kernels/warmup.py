@@ -71,10 +71,6 @@ def tiny_forward(model, skip=()) -> None:
                                  progress=False, return_float=True)
 
 
-def _helper_command(model_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "npdiff.kernels.warmup", str(model_dir)]
-
-
 def compile_in_two_processes(model, model_dir: Path) -> bool:
     """If the kernel cache is cold, compile the kernels of `model`'s forward in this process and a
     helper at once (see the module doc) -> True; else do nothing -> False."""
@@ -83,7 +79,7 @@ def compile_in_two_processes(model, model_dir: Path) -> bool:
     package_parent = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
     try:
-        helper = subprocess.Popen(_helper_command(model_dir), env=env, stdin=subprocess.DEVNULL,
+        helper = subprocess.Popen([sys.executable, "-m", "npdiff.kernels.warmup", str(model_dir)], env=env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return False                       # no second process: the first call of each kernel compiles it
