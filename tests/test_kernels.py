@@ -305,7 +305,7 @@ def test_float32_exp_forms():
         return scalar, row
 
     rng = np.random.default_rng(0)
-    x = np.concatenate([np.linspace(-87.3, 88.3, 20001), rng.uniform(-87.3, 88.3, 20001),
+    x = np.concatenate([np.linspace(-87.3, 88.72, 20001), rng.uniform(-87.3, 88.72, 20001),
                         rng.standard_normal(999) * 3]).astype(np.float32)
     scalar, row = both(x)
     exact = np.exp(x.astype(np.float64))
@@ -313,10 +313,11 @@ def test_float32_exp_forms():
     print(f"float32 exp: worst relative error {worst:.2e}")
     assert worst <= 2e-7
     assert np.array_equal(scalar, row)
-    special = np.array([-np.inf, np.inf, np.nan, -88.0, -100.0, 0.0], dtype=np.float32)
+    special = np.array([-np.inf, np.inf, np.nan, -88.0, -100.0, 0.0, 88.73, 1e30], dtype=np.float32)
     for got in both(special):
         assert got[0] == 0.0 and got[1] == np.inf and np.isnan(got[2])
         assert got[3] == 0.0 and got[4] == 0.0 and got[5] == 1.0
+        assert got[6] == np.inf and got[7] == np.inf
 
 
 # ----------------------------------------------------------------------------------------------

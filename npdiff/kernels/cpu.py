@@ -107,6 +107,7 @@ _ONE32 = np.float32(1.0)
 _HALF32 = np.float32(0.5)
 _ZERO32 = np.float32(0.0)
 _NEG_INF32 = np.float32(-np.inf)
+_INF32 = np.float32(np.inf)
 _NAN32 = np.float32(np.nan)
 _F127 = np.float32(127.0)
 _F2_23 = np.float32(2.0 ** 23)
@@ -114,7 +115,9 @@ _F2_23 = np.float32(2.0 ** 23)
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _exp32_parts(v):
-    """(exp(r), k) with v = k ln2 + r, for float32 v clamped to the finite range; exp(v) = exp(r) 2^k."""
+    """(m, k) with exp(v) = m 2^k, for float32 v clamped to the finite range: v = k ln2 + r and
+    m = exp(r), except that k = 128 (v in 88.38..88.72, where 2^k alone overflows) is returned
+    as k = 127 with m doubled, which is exact."""
     x = min(max(v, _EXP_XMIN), _EXP_XMAX)
     kf = np.floor(x * _LOG2E + _HALF32)
     r = (x - kf * _LN2_HI) - kf * _LN2_LO
@@ -124,7 +127,8 @@ def _exp32_parts(v):
     p = p * r + _E3
     p = p * r + _E2
     p = p * r + _ONE32
-    return p * r + _ONE32, kf
+    k = min(kf, _F127)
+    return (p * r + _ONE32) * (kf - k + _ONE32), k
 
 
 def fast_exp(v):
@@ -138,7 +142,9 @@ def _fast_exp_overload(v):
         def exp32(v):
             p, kf = _exp32_parts(v)
             e = p * _POW2[min(max(np.int32(kf) + 127, 0), 255)]  # clamped: NaN converts to any integer
-            return e if v >= _EXP_XMIN else (_ZERO32 if v < _EXP_XMIN else v)  # exp(NaN) = NaN
+            if v >= _EXP_XMIN and v <= _EXP_XMAX:
+                return e
+            return _ZERO32 if v < _EXP_XMIN else (_INF32 if v > _EXP_XMAX else v)  # exp(NaN) = NaN
         return exp32
     return lambda v: math.exp(v)
 
@@ -161,7 +167,8 @@ def _exp_inplace_overload(a, bits):
             for j in range(M):
                 v = a[j]
                 p, kf = _exp32_parts(v)
-                a[j] = p if v >= _EXP_XMIN else (_ZERO32 if v < _EXP_XMIN else _NAN32)  # exp(NaN) = NaN
+                a[j] = p if v >= _EXP_XMIN and v <= _EXP_XMAX else (
+                    _ZERO32 if v < _EXP_XMIN else (_INF32 if v > _EXP_XMAX else _NAN32))  # exp(NaN) = NaN
                 bits[j] = np.int32((kf + _F127) * _F2_23)  # (k + 127) << 23, in float: exact
             pow2 = bits.view(np.float32)
             for j in range(M):
