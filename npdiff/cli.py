@@ -62,7 +62,7 @@ def _add_drawing_args(p, n_default: int | None = None, parent: bool = False) -> 
                    help=f"number of images, 1-64 (default {n_default or 4}; 4 are shown as a 2x2 grid)")
     p.add_argument("--outdir", default="outputs", help="output folder (default ./outputs); files are never overwritten")
     p.add_argument("--backend", default=None, help="kernel backend: cpu (default), reference, cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
 
 
 def _add_parent_prompt(p) -> None:
@@ -480,7 +480,7 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
         frames.append(np.concatenate([left, np.full((left.shape[0], 2, 3), 255, np.uint8), right], axis=1))
 
     loaded.compile_kernels()
-    images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet,
+    images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet and sys.stderr.isatty(),
                         callback=keep_frame if trajectory else None, source=getattr(args, "from_image", None) or "the recipe")
     outdir = Path(args.outdir)
     rows = 2 if recipe["n"] == 4 else None

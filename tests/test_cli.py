@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,15 @@ def test_numbering_goes_on_past_the_name_width_and_never_overwrites(capsys, mode
     assert all((tmp_path / name).read_bytes() == b"kept" for name in ("99999-5.png", "grid-9999.png", "grid-10000.png"))
 
 
-def test_progress_bar_on_stderr_unless_quiet(capsys, model_dir, tmp_path):
-    code, paths, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path, "-n", "1",
-                           "--steps", "2")
+def test_progress_bar_on_a_terminal_unless_quiet(capsys, monkeypatch, model_dir, tmp_path):
+    argv = ["sample", "a red circle", "--model", model_dir, "--outdir", tmp_path, "-n", "1", "--steps", "2"]
+    code, paths, err = run(capsys, *argv)                # captured stderr is not a terminal: no bar
+    assert code == 0 and len(paths) == 1 and err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, paths, err = run(capsys, *argv)
     assert code == 0 and len(paths) == 1
     assert "0/2" in err and "step" in err                # tqdm: "  0%|          | 0/2 [00:00<?, ?step/s]"
-    code, paths, err = run(capsys, "sample", "a red circle", "--model", model_dir, "--outdir", tmp_path, "-n", "1",
-                           "--steps", "2", "--quiet")
+    code, paths, err = run(capsys, *argv, "--quiet")
     assert code == 0 and err == ""
 
 
