@@ -486,6 +486,10 @@ def _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts):
 # flops, paid for by the two transforms (adds only, every coefficient 0, +-1 or +-1/2, so float32
 # rounding stays that of a sum of a few terms). A work item is one image's run of tile rows,
 # up to 256 tiles: its V and M stay in the core's cache between the transforms and the GEMMs.
+# Inside an item the channels are the innermost axis (one transposition of the input rows in,
+# one of the output rows out), so every transform loop runs along contiguous memory: with the
+# tiles innermost instead, the transforms took two thirds of the time at 16x16 (stride-2 reads,
+# loops of 8 tiles); channels-last made the U-Net's Winograd convolutions 1.2-1.4x faster.
 # Measured against the stacked-row GEMMs at the U-Net's shapes: 1.1-2.2x faster from 8 input
 # channels up on 16x16 and 32x32 images, slower for the 3-channel input convolution and on 8x8
 # images (0.5-0.95x the rows' speed at batch 1-32: a 4x4 grid of tiles pays the transforms and
@@ -498,30 +502,44 @@ _WINOGRAD_TILES = 256  # tiles per work item
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _winograd_weights(w, U):
-    # w (K, C, 3, 3) -> U (16, K, C), U[4a + b, k, c] = (G w[k, c] G^T)[a, b]
+    # w (K, C, 3, 3) -> U (16, K, C), U[4a + b, k, c] = (G w[k, c] G^T)[a, b]; for each k the
+    # loops run along the C channels (one output row each, so that they vectorize)
     K, C = w.shape[0], w.shape[1]
-    t = np.empty((4, 3), dtype=w.dtype)
+    g = np.empty((9, C), dtype=w.dtype)  # g[3 r + s, c] = w[k, c, r, s]
+    t = np.empty((12, C), dtype=w.dtype)  # t[3 a + s] = (G g)[a, s]
     for k in range(K):
-        for c in range(C):
-            g = w[k, c]
-            for s in range(3):  # G g
-                g0, g1, g2 = g[0, s], g[1, s], g[2, s]
-                t[0, s] = g0
-                t[1, s] = 0.5 * (g0 + g1 + g2)
-                t[2, s] = 0.5 * (g0 - g1 + g2)
-                t[3, s] = g2
-            for a in range(4):  # (G g) G^T
-                t0, t1, t2 = t[a, 0], t[a, 1], t[a, 2]
-                U[4 * a, k, c] = t0
-                U[4 * a + 1, k, c] = 0.5 * (t0 + t1 + t2)
-                U[4 * a + 2, k, c] = 0.5 * (t0 - t1 + t2)
-                U[4 * a + 3, k, c] = t2
+        for i in range(9):
+            gi = g[i]
+            for c in range(C):
+                gi[c] = w[k, c, i // 3, i % 3]
+        for s in range(3):
+            g0, g1, g2, t0, t1, t2, t3 = g[s], g[3 + s], g[6 + s], t[s], t[3 + s], t[6 + s], t[9 + s]
+            for c in range(C):
+                t0[c] = g0[c]
+            for c in range(C):
+                t1[c] = 0.5 * (g0[c] + g1[c] + g2[c])
+            for c in range(C):
+                t2[c] = 0.5 * (g0[c] - g1[c] + g2[c])
+            for c in range(C):
+                t3[c] = g2[c]
+        for a in range(4):
+            t0, t1, t2 = t[3 * a], t[3 * a + 1], t[3 * a + 2]
+            u0, u1, u2, u3 = U[4 * a, k], U[4 * a + 1, k], U[4 * a + 2, k], U[4 * a + 3, k]
+            for c in range(C):
+                u0[c] = t0[c]
+            for c in range(C):
+                u1[c] = 0.5 * (t0[c] + t1[c] + t2[c])
+            for c in range(C):
+                u2[c] = 0.5 * (t0[c] - t1[c] + t2[c])
+            for c in range(C):
+                u3[c] = t2[c]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _conv3x3_winograd(x, U, b, padding, rows_per_item, T, y):
     # x (N, C, H, W), U (16, K, C), b (K,), y (N, K, P, Q) with P = H + 2 padding - 2; an item is
-    # rows_per_item tile rows of one image
+    # rows_per_item tile rows of one image. Inside an item the channels are the innermost axis
+    # (V (16, tiles, C), M (16, tiles, K)), so both transforms run along contiguous channels.
     N, C, H, W = x.shape
     K = U.shape[1]
     P, Q = y.shape[2], y.shape[3]
@@ -531,73 +549,85 @@ def _conv3x3_winograd(x, U, b, padding, rows_per_item, T, y):
     Uf = U.reshape(-1)
     for t in prange(T):
         ntb = rows_per_item * tw
-        xp = np.zeros((C, 2 * rows_per_item + 2, Wp), dtype=x.dtype)  # padded input rows of one item
-        V = np.empty((16, C, ntb), dtype=x.dtype)
-        M = np.empty((16, K, ntb), dtype=x.dtype)
-        u = np.empty((4, Wp), dtype=x.dtype)
-        s = np.empty((8, tw), dtype=x.dtype)
-        yr = np.empty(2 * tw, dtype=x.dtype)
-        Vf, Mf = V.reshape(-1), M.reshape(-1)
+        xp = np.zeros((2 * rows_per_item + 2, Wp, C), dtype=x.dtype)  # padded input rows, channels last
+        V = np.empty((16, ntb, C), dtype=x.dtype)
+        M = np.empty((16, ntb, K), dtype=x.dtype)
+        yl = np.empty((2 * rows_per_item, 2 * tw, K), dtype=x.dtype)  # output rows, channels last
+        u = np.empty((4, Wp, C), dtype=x.dtype)  # the rows of B^T d for one row of tiles
+        sm = np.empty((8, tw, K), dtype=x.dtype)  # the rows of A^T M for one row of tiles
+        u0, u1, u2, u3 = u[0].reshape(-1), u[1].reshape(-1), u[2].reshape(-1), u[3].reshape(-1)
+        xpf, Vf, Mf, sf = xp.reshape(-1), V.reshape(-1), M.reshape(-1), sm.reshape(-1)
         for item in range(t, N * blocks, T):
             n, blk = item // blocks, item % blocks
             i0 = blk * rows_per_item
-            i1 = min(th, i0 + rows_per_item)
-            nt = (i1 - i0) * tw
-            for c in range(C):  # input rows 2 i0 - padding ... ; the border columns stay zero
-                for a in range(2 * (i1 - i0) + 2):
-                    h = 2 * i0 - padding + a
-                    row = xp[c, a]
-                    if 0 <= h < H:
-                        src = x[n, c, h]
+            nr = min(th, i0 + rows_per_item) - i0
+            nt = nr * tw
+            for a in range(2 * nr + 2):  # input rows 2 i0 - padding ... ; the border columns stay zero
+                h = 2 * i0 - padding + a
+                if 0 <= h < H:
+                    row = xp[a]
+                    for c0 in range(0, C, 8):  # transposed in blocks of 8 channels
+                        c1 = min(C, c0 + 8)
                         for q in range(W):
-                            row[padding + q] = src[q]
-                    else:
-                        row[:] = 0.0
-            # V = B^T d B: first the four rows of B^T d for a whole row of tiles, then B on each
-            for c in range(C):
-                for ii in range(i1 - i0):
-                    r0, r1, r2, r3 = xp[c, 2 * ii], xp[c, 2 * ii + 1], xp[c, 2 * ii + 2], xp[c, 2 * ii + 3]
-                    for q in range(Wp):
-                        u[0, q] = r0[q] - r2[q]
-                        u[1, q] = r1[q] + r2[q]
-                        u[2, q] = r2[q] - r1[q]
-                        u[3, q] = r1[q] - r3[q]
-                    o = ii * tw
-                    for a in range(4):  # one loop per output stream: each vectorizes
-                        ua = u[a]
-                        v0, v1, v2, v3 = V[4 * a, c], V[4 * a + 1, c], V[4 * a + 2, c], V[4 * a + 3, c]
-                        for j in range(tw):
-                            v0[o + j] = ua[2 * j] - ua[2 * j + 2]
-                        for j in range(tw):
-                            v1[o + j] = ua[2 * j + 1] + ua[2 * j + 2]
-                        for j in range(tw):
-                            v2[o + j] = ua[2 * j + 2] - ua[2 * j + 1]
-                        for j in range(tw):
-                            v3[o + j] = ua[2 * j + 1] - ua[2 * j + 3]
-            for xi in range(16):
-                _gemm(False, False, K, nt, C, Uf[xi * K * C:], C, Vf[xi * C * ntb:], ntb, 0.0,
-                      Mf[xi * K * ntb:], ntb)
-            # Y = A^T M A, plus the bias
+                            dst = row[padding + q]
+                            for c in range(c0, c1):
+                                dst[c] = x[n, c, h, q]
+                else:
+                    xp[a] = 0.0
+            L = Wp * C
+            for ii in range(nr):  # V = B^T d B: the four rows of B^T d, then B on each
+                # whole-row views: indexing them from 0 lets every loop below vectorize (an
+                # offset index o + e goes through Numba's negative-index check, which does not)
+                d0, d1 = xpf[2 * ii * L:(2 * ii + 1) * L], xpf[(2 * ii + 1) * L:(2 * ii + 2) * L]
+                d2, d3 = xpf[(2 * ii + 2) * L:(2 * ii + 3) * L], xpf[(2 * ii + 3) * L:(2 * ii + 4) * L]
+                for e in range(L):  # one loop per output stream
+                    u0[e] = d0[e] - d2[e]
+                for e in range(L):
+                    u1[e] = d1[e] + d2[e]
+                for e in range(L):
+                    u2[e] = d2[e] - d1[e]
+                for e in range(L):
+                    u3[e] = d1[e] - d3[e]
+                for a in range(4):
+                    ua = u[a]
+                    v0, v1, v2, v3 = V[4 * a], V[4 * a + 1], V[4 * a + 2], V[4 * a + 3]
+                    for j in range(tw):
+                        tl, q = ii * tw + j, 2 * j
+                        for c in range(C):
+                            v0[tl, c] = ua[q, c] - ua[q + 2, c]
+                        for c in range(C):
+                            v1[tl, c] = ua[q + 1, c] + ua[q + 2, c]
+                        for c in range(C):
+                            v2[tl, c] = ua[q + 2, c] - ua[q + 1, c]
+                        for c in range(C):
+                            v3[tl, c] = ua[q + 1, c] - ua[q + 3, c]
+            for xi in range(16):  # M[xi] (tiles, K) = V[xi] (tiles, C) @ U[xi]^T
+                _gemm(False, True, nt, K, C, Vf[xi * ntb * C:], C, Uf[xi * K * C:], C, 0.0,
+                      Mf[xi * ntb * K:], K)
+            E = tw * K
+            for ii in range(nr):  # Y = A^T M A, plus the bias: the two rows of A^T M, then A
+                for c4 in range(4):
+                    m0, m1 = M[c4, ii * tw:(ii + 1) * tw].reshape(-1), M[4 + c4, ii * tw:(ii + 1) * tw].reshape(-1)
+                    m2, m3 = M[8 + c4, ii * tw:(ii + 1) * tw].reshape(-1), M[12 + c4, ii * tw:(ii + 1) * tw].reshape(-1)
+                    s0, s1 = sf[2 * c4 * E:(2 * c4 + 1) * E], sf[(2 * c4 + 1) * E:(2 * c4 + 2) * E]
+                    for e in range(E):
+                        s0[e] = m0[e] + m1[e] + m2[e]
+                    for e in range(E):
+                        s1[e] = m1[e] - m2[e] - m3[e]
+                for rr in range(2):
+                    t0, t1, t2, t3 = sm[rr], sm[2 + rr], sm[4 + rr], sm[6 + rr]
+                    row = yl[2 * ii + rr]
+                    for j in range(tw):
+                        for k in range(K):
+                            row[2 * j, k] = t0[j, k] + t1[j, k] + t2[j, k] + b[k]
+                        for k in range(K):
+                            row[2 * j + 1, k] = t1[j, k] - t2[j, k] - t3[j, k] + b[k]
+            p0 = 2 * i0
             for k in range(K):
-                bk = b[k]
-                for ii in range(i1 - i0):
-                    o = ii * tw
-                    for c4 in range(4):  # the two rows of A^T M, column c4 of M
-                        m0, m1, m2, m3 = M[c4, k], M[4 + c4, k], M[8 + c4, k], M[12 + c4, k]
-                        s0, s1 = s[c4], s[4 + c4]
-                        for j in range(tw):
-                            s0[j] = m0[o + j] + m1[o + j] + m2[o + j]
-                        for j in range(tw):
-                            s1[j] = m1[o + j] - m2[o + j] - m3[o + j]
-                    p0 = 2 * (i0 + ii)
-                    for rr in range(min(2, P - p0)):
-                        t0, t1, t2, t3 = s[4 * rr], s[4 * rr + 1], s[4 * rr + 2], s[4 * rr + 3]
-                        for j in range(tw):
-                            yr[2 * j] = t0[j] + t1[j] + t2[j] + bk
-                            yr[2 * j + 1] = t1[j] - t2[j] - t3[j] + bk
-                        dst = y[n, k, p0 + rr]
-                        for q in range(Q):
-                            dst[q] = yr[q]
+                for rr in range(min(2 * nr, P - p0)):
+                    dst, src = y[n, k, p0 + rr], yl[rr]
+                    for q in range(Q):
+                        dst[q] = src[q, k]
 
 
 def _conv3x3_stride1_winograd(x, w, bias, padding):
