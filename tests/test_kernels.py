@@ -113,32 +113,24 @@ def test_conv2d(dtype):
     @EXAMPLES
     @given(N=st.sampled_from([1, 2, 3]), C=sizes, K=sizes, H=st.integers(1, 11), W=st.integers(1, 11),
            k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
-           bias=st.booleans(), need_dx=st.booleans(), winograd=st.booleans(), seed=seeds)
-    @example(N=1, C=3, K=5, H=9, W=7, k=3, stride=2, padding=1, bias=True, need_dx=True, winograd=False, seed=0)
-    @example(N=1, C=7, K=1, H=1, W=1, k=3, stride=1, padding=1, bias=True, need_dx=True, winograd=False, seed=1)
-    @example(N=3, C=2, K=3, H=34, W=33, k=3, stride=1, padding=1, bias=True, need_dx=True, winograd=False, seed=2)
-    @example(N=2, C=32, K=32, H=8, W=8, k=3, stride=1, padding=1, bias=True, need_dx=True, winograd=True, seed=3)
-    @example(N=3, C=5, K=12, H=6, W=10, k=1, stride=2, padding=0, bias=False, need_dx=False, winograd=False, seed=4)
-    @example(N=1, C=3, K=2, H=3, W=4, k=3, stride=2, padding=0, bias=True, need_dx=True, winograd=False, seed=5)
-    @example(N=2, C=8, K=5, H=16, W=17, k=3, stride=1, padding=1, bias=True, need_dx=True, winograd=False, seed=6)
-    def check(N, C, K, H, W, k, stride, padding, bias, need_dx, winograd, seed):
-        """winograd=True sends 3x3 stride-1 convolutions of any size (on 8+ channels) through
-        Winograd, which by default takes only outputs of 16x16 or more (seed 6: the default's
-        Winograd at its threshold)."""
+           bias=st.booleans(), need_dx=st.booleans(), seed=seeds)
+    @example(N=1, C=3, K=5, H=9, W=7, k=3, stride=2, padding=1, bias=True, need_dx=True, seed=0)
+    @example(N=1, C=7, K=1, H=1, W=1, k=3, stride=1, padding=1, bias=True, need_dx=True, seed=1)
+    @example(N=3, C=2, K=3, H=34, W=33, k=3, stride=1, padding=1, bias=True, need_dx=True, seed=2)
+    @example(N=2, C=32, K=32, H=8, W=8, k=3, stride=1, padding=1, bias=True, need_dx=True, seed=3)
+    @example(N=3, C=5, K=12, H=6, W=10, k=1, stride=2, padding=0, bias=False, need_dx=False, seed=4)
+    @example(N=1, C=3, K=2, H=3, W=4, k=3, stride=2, padding=0, bias=True, need_dx=True, seed=5)
+    @example(N=2, C=8, K=5, H=16, W=17, k=3, stride=1, padding=1, bias=True, need_dx=True, seed=6)
+    def check(N, C, K, H, W, k, stride, padding, bias, need_dx, seed):
         assume(H + 2 * padding >= k and W + 2 * padding >= k)
         rng = np.random.default_rng(seed)
         x = randn(rng, (N, C, H, W), dtype)
         w = randn(rng, (K, C, k, k), dtype, 1 / np.sqrt(C * k * k))
         b = randn(rng, (K,), dtype) if bias else None
-        saved = cpu.WINOGRAD_MIN_PIXELS
-        cpu.WINOGRAD_MIN_PIXELS = 0 if winograd else saved
-        try:
-            y = cpu.conv2d_forward(x, w, b, stride, padding)
-            dy = randn(rng, y.shape, dtype)
-            dx, dw, db = cpu.conv2d_backward(dy, x, w, stride, padding, need_dx)
-        finally:
-            cpu.WINOGRAD_MIN_PIXELS = saved
+        y = cpu.conv2d_forward(x, w, b, stride, padding)
         worst.check("y", y, ref.conv2d_forward(*oracle(x, w, b), stride, padding))
+        dy = randn(rng, y.shape, dtype)
+        dx, dw, db = cpu.conv2d_backward(dy, x, w, stride, padding, need_dx)
         rdx, rdw, rdb = ref.conv2d_backward(*oracle(dy, x, w), stride, padding, need_dx)
         if need_dx:
             worst.check("dx", dx, rdx)

@@ -490,13 +490,11 @@ def _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts):
 # one of the output rows out), so every transform loop runs along contiguous memory: with the
 # tiles innermost instead, the transforms took two thirds of the time at 16x16 (stride-2 reads,
 # loops of 8 tiles); channels-last made the U-Net's Winograd convolutions 1.2-1.4x faster.
-# Measured against the stacked-row GEMMs at the U-Net's shapes: 1.1-2.2x faster from 8 input
-# channels up on 16x16 and 32x32 images, slower for the 3-channel input convolution and on 8x8
-# images (0.5-0.95x the rows' speed at batch 1-32: a 4x4 grid of tiles pays the transforms and
-# the patch overlap for too little GEMM), which keep the rows.
+# Measured against the stacked-row GEMMs at the U-Net's shapes: faster from 8 input channels up
+# on 8x8 images too (1.6-2.4x at batch 1-8), slower for the 3-channel input convolution, which
+# keeps the rows.
 
 WINOGRAD_MIN_CHANNELS = 8
-WINOGRAD_MIN_PIXELS = 256  # output pixels per image
 _WINOGRAD_TILES = 256  # tiles per work item
 
 
@@ -647,12 +645,12 @@ def _conv3x3_stride1_winograd(x, w, bias, padding):
 
 
 def _conv_stride1(x, w, bias, padding):
-    """y = conv2d(x, w) + bias at stride 1: Winograd for 3x3 kernels on 8+ channels and outputs
-    of 16x16 or more, else the stacked-row GEMMs; x, w contiguous, one dtype."""
+    """y = conv2d(x, w) + bias at stride 1: Winograd for 3x3 kernels on 8+ channels, else the
+    stacked-row GEMMs; x, w contiguous, one dtype."""
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     P, Q = conv2d_output_size(H, W, R, S, 1, padding)
-    if R == 3 and S == 3 and C >= WINOGRAD_MIN_CHANNELS and P * Q >= WINOGRAD_MIN_PIXELS and 0 <= padding <= 2:
+    if R == 3 and S == 3 and C >= WINOGRAD_MIN_CHANNELS and 0 <= padding <= 2:
         return _conv3x3_stride1_winograd(x, w, bias, padding)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     T = _threads()
