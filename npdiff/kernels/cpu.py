@@ -498,39 +498,15 @@ WINOGRAD_MIN_CHANNELS = 8
 _WINOGRAD_TILES = 256  # tiles per work item
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _winograd_weights(w, U):
-    # w (K, C, 3, 3) -> U (16, K, C), U[4a + b, k, c] = (G w[k, c] G^T)[a, b]; for each k the
-    # loops run along the C channels (one output row each, so that they vectorize)
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_WINOGRAD_GG = np.kron(_WINOGRAD_G, _WINOGRAD_G)  # (16, 9): [4a + b, 3r + s] = G[a, r] G[b, s]
+
+
+def _winograd_weights(w):
+    """w (K, C, 3, 3) -> U (16, K, C), U[4a + b, k, c] = (G w[k, c] G^T)[a, b]: one GEMM,
+    (G kron G) (16, 9) @ w^T (9, K C)."""
     K, C = w.shape[0], w.shape[1]
-    g = np.empty((9, C), dtype=w.dtype)  # g[3 r + s, c] = w[k, c, r, s]
-    t = np.empty((12, C), dtype=w.dtype)  # t[3 a + s] = (G g)[a, s]
-    for k in range(K):
-        for i in range(9):
-            gi = g[i]
-            for c in range(C):
-                gi[c] = w[k, c, i // 3, i % 3]
-        for s in range(3):
-            g0, g1, g2, t0, t1, t2, t3 = g[s], g[3 + s], g[6 + s], t[s], t[3 + s], t[6 + s], t[9 + s]
-            for c in range(C):
-                t0[c] = g0[c]
-            for c in range(C):
-                t1[c] = 0.5 * (g0[c] + g1[c] + g2[c])
-            for c in range(C):
-                t2[c] = 0.5 * (g0[c] - g1[c] + g2[c])
-            for c in range(C):
-                t3[c] = g2[c]
-        for a in range(4):
-            t0, t1, t2 = t[3 * a], t[3 * a + 1], t[3 * a + 2]
-            u0, u1, u2, u3 = U[4 * a, k], U[4 * a + 1, k], U[4 * a + 2, k], U[4 * a + 3, k]
-            for c in range(C):
-                u0[c] = t0[c]
-            for c in range(C):
-                u1[c] = 0.5 * (t0[c] + t1[c] + t2[c])
-            for c in range(C):
-                u2[c] = 0.5 * (t0[c] - t1[c] + t2[c])
-            for c in range(C):
-                u3[c] = t2[c]
+    return (_WINOGRAD_GG.astype(w.dtype) @ w.reshape(K * C, 9).T).reshape(16, K, C)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -637,8 +613,7 @@ def _conv3x3_stride1_winograd(x, w, bias, padding):
     rows = max(1, min(th, _WINOGRAD_TILES // tw))
     if N * -(-th // rows) < T:  # too few items for the threads: split the images finer
         rows = max(1, -(-th // -(-T // N)))
-    U = np.empty((16, K, C), dtype=x.dtype)
-    _winograd_weights(w, U)
+    U = _winograd_weights(w)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     _conv3x3_winograd(x, U, bias, padding, rows, T, y)
     return y
