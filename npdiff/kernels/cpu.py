@@ -496,8 +496,6 @@ def _conv2d_dw_rows(dy, x, R, S, padding, T, dw_parts, db_parts):
 
 WINOGRAD_MIN_CHANNELS = 8
 _WINOGRAD_TILES = 256  # tiles per work item
-
-
 _WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _WINOGRAD_GG = np.kron(_WINOGRAD_G, _WINOGRAD_G)  # (16, 9): [4a + b, 3r + s] = G[a, r] G[b, s]
 
