@@ -31,7 +31,7 @@ from npdiff.kernels import cpu
 # Kernels the helper process compiles: about half of the compile time, measured on the 2-core
 # machine of the README (the Winograd convolution alone takes 20 s of it). FIRST_HALF is every other
 # kernel a forward calls from Python; kernels called only from compiled code compile with their callers.
-SECOND_HALF = ("_conv3x3_winograd", "_conv2d_forward")
+SECOND_HALF = ("_conv3x3_winograd", "_winograd_weights_gemm", "_conv2d_forward")
 FIRST_HALF = ("_conv2d_forward_rows", "_group_norm_forward", "_group_norm_silu_forward", "_layer_norm_forward",
               "_silu_forward", "_gelu_forward", "_linear_forward", "_attention_forward_no_probs")
 
