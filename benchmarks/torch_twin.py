@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
+from npdiff.nn.unet import coord_maps
+
 
 def _heads(x, E):
     """(N, L, D) -> (N, E, L, Dh)."""
@@ -119,6 +121,9 @@ class TorchTwin:
         emb = self._lin(TF.silu(self._lin(self._time_embedding(t), "time_embed.0")), "time_embed.2")
         emb = TF.silu(emb + self._lin(pooled, "text_embed"))
         nlev = len(cfg.channel_mult)
+        if cfg.coord_channels:                       # [x, X, Y], the maps npdiff builds
+            N, _, H, W = x.shape
+            x = torch.cat([x, torch.as_tensor(np.ascontiguousarray(coord_maps(N, H, W))).to(x.dtype)], 1)
         h = self._conv(x, "conv_in")
         skips = [h]
         for i in range(nlev):

@@ -18,20 +18,25 @@ from collections import defaultdict
 import numpy as np
 
 from npdiff.data import judge
-from npdiff.data.shapes import COLORS, HELD_OUT_PAIRS, SHAPES
+from npdiff.data.shapes import COLORS, HELD_OUT_PAIRS, SHAPES, Scene, SceneObject, describe
 from npdiff.pipeline import DEFAULT_CFG, Pipeline
+
+
+def _caption(*objects) -> str:
+    """The dataset's own wording ("an orange circle on the left and ..."): (color, shape, position)s."""
+    return describe(Scene(tuple(SceneObject(c, s, None, p) for c, s, p in objects)))
 
 
 def prompt_sets() -> dict[str, list[str]]:
     held = {tuple(p) for p in HELD_OUT_PAIRS}
-    single = [f"a {c} {s}" for c in COLORS for s in SHAPES if (c, s) not in held]
-    held_out = [f"a {c} {s}" for c, s in sorted(held)]
+    single = [_caption((c, s, None)) for c in COLORS for s in SHAPES if (c, s) not in held]
+    held_out = [_caption((c, s, None)) for c, s in sorted(held)]
     positions = [("left", "right"), ("top", "bottom"), ("right", "left")]
     pairs = [(c1, s1, c2, s2) for c1 in COLORS for s1 in SHAPES for c2 in COLORS for s2 in SHAPES
              if c1 != c2 and s1 != s2 and (c1, s1) not in held and (c2, s2) not in held]
     rng = np.random.default_rng(1234)                      # a fixed, reproducible subset of pairs
     chosen = [pairs[i] for i in rng.choice(len(pairs), size=12, replace=False)]
-    two = [f"a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}"
+    two = [_caption((c1, s1, p1), (c2, s2, p2))
            for k, (c1, s1, c2, s2) in enumerate(chosen) for p1, p2 in [positions[k % len(positions)]]]
     return {"single": single, "two": two, "held_out": held_out}
 

@@ -70,6 +70,7 @@ class TrainArgs:
     num_res_blocks: int = 1
     attention_levels: tuple[int, ...] = (1, 2)
     num_groups: int = 32
+    coord_channels: bool = True           # conv_in also sees each pixel's x and y (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
     vocab_size: int = 256
@@ -189,7 +190,8 @@ def build_model(args: TrainArgs, source, rng) -> Model:
         resolution=args.resolution, beta_schedule=args.beta_schedule, prediction=args.prediction,
         unet=UNetConfig(base_channels=args.base_channels, channel_mult=tuple(args.channel_mult),
                         num_res_blocks=args.num_res_blocks, attention_levels=tuple(args.attention_levels),
-                        num_groups=args.num_groups, context_dim=args.text_width),
+                        num_groups=args.num_groups, context_dim=args.text_width,
+                        coord_channels=args.coord_channels),
         text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers),
     )
     return Model.init(config, tokenizer, rng)

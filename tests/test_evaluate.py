@@ -25,8 +25,10 @@ class RenderingPipeline:
 
 def test_prompt_sets_cover_the_grammar():
     sets = prompt_sets()
-    held = {f"a {c} {s}" for c, s in HELD_OUT_PAIRS}
-    assert set(sets["held_out"]) == held
+    held = {f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c, s in HELD_OUT_PAIRS}
+    assert set(sets["held_out"]) == held                 # in the captions' own words: "an orange circle"
+    assert any(p.startswith("an orange ") or " an orange " in p for p in sets["single"] + sets["two"])
+    assert not any("a orange" in p for group in sets.values() for p in group)
     assert len(sets["single"]) == 8 * 3 - 3 and not held & set(sets["single"])
     assert len(sets["two"]) == 12 and all(" and " in p for p in sets["two"])
 

@@ -20,7 +20,7 @@ from npdiff.nn import optim  # noqa: E402
 from npdiff.nn.gradcheck import relative_error  # noqa: E402
 from npdiff.nn.text_encoder import (TextEncoderConfig, init_text_encoder, text_encoder_backward,  # noqa: E402
                                     text_encoder_forward)
-from npdiff.nn.unet import UNetConfig, init_unet, unet_backward, unet_forward  # noqa: E402
+from npdiff.nn.unet import UNetConfig, coord_maps, init_unet, unet_backward, unet_forward  # noqa: E402
 
 TOL = 1e-4
 
@@ -184,6 +184,9 @@ def torch_unet(P, cfg, x, t, ctx, mask, pooled):
         return h + o.transpose(1, 2).reshape(N, C, H, W)
 
     nlev = len(cfg.channel_mult)
+    if cfg.coord_channels:
+        N, _, H, W = x.shape
+        x = torch.cat([x, torch.as_tensor(np.ascontiguousarray(coord_maps(N, H, W))).to(x.dtype)], 1)
     h = conv(x, "conv_in")
     hs = [h]
     for i in range(nlev):
@@ -214,7 +217,7 @@ def _torch_params(p):
     (UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
                 num_heads=4, context_dim=12, num_groups=8, learn_sigma=True), 16, 24),
     (UNetConfig(in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
-                num_heads=2, context_dim=6, num_groups=4), 8, 8),
+                num_heads=2, context_dim=6, num_groups=4, coord_channels=True), 8, 8),
 ])
 def test_unet_matches_torch_twin(cfg, H, W):
     rng = np.random.default_rng(5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npdiff.nn.gradcheck import directional_check
-from npdiff.nn.unet import UNetConfig, init_unet, unet_backward, unet_forward
+from npdiff.nn.unet import UNetConfig, coord_maps, init_unet, unet_backward, unet_forward
 
 TINY = UNetConfig(in_channels=2, base_channels=4, channel_mult=(1, 2), num_res_blocks=1,
                   attention_levels=(1,), num_heads=2, context_dim=3, num_groups=2)
@@ -34,7 +34,8 @@ def inputs(config, rng, N=2, H=4, W=6, L=3):
 @pytest.mark.parametrize("config", [
     TINY,
     UNetConfig(in_channels=1, base_channels=4, channel_mult=(1, 1, 2), num_res_blocks=2,
-               attention_levels=(0, 2), num_heads=1, context_dim=2, num_groups=2, learn_sigma=True),
+               attention_levels=(0, 2), num_heads=1, context_dim=2, num_groups=2, learn_sigma=True,
+               coord_channels=True),
     # (groups of one channel would make conv1.bias exactly irrelevant: GN2 removes it)
 ])
 def test_unet_directional_derivative(config):
@@ -75,6 +76,26 @@ def test_unet_parameter_names_and_gradients_match():
     assert p["up.0.res.1.conv1.weight"].shape == (4, 8, 3, 3)  # 4 channels + a 4-channel skip
     assert p["time_embed.0.weight"].shape == (16, 4) and p["text_embed.weight"].shape == (16, 3)
     assert "mid.attn.proj.bias" in p and "mid.xattn.q.weight" in p and "mid.res.1.conv2.bias" in p
+
+
+def test_coord_channels_tell_left_from_right():
+    """conv_in sees x, then X (left -1 .. right +1) and Y (top -1 .. bottom +1) at pixel centres."""
+    maps = coord_maps(2, 2, 4, np.float64)
+    assert maps.shape == (2, 2, 2, 4)
+    np.testing.assert_array_equal(maps[1, 0], [[-0.75, -0.25, 0.25, 0.75]] * 2)
+    np.testing.assert_array_equal(maps[0, 1], [[-0.5] * 4, [0.5] * 4])
+    config = UNetConfig(**{**TINY.to_dict(), "coord_channels": True})
+    rng = np.random.default_rng(3)
+    p = perturbed_params(config, rng)
+    assert p["conv_in.weight"].shape == (4, 4, 3, 3)      # 2 image channels + X, Y
+    x, t, ctx, mask, pooled = inputs(config, rng, N=1, H=4, W=8)
+    out, cache = unet_forward(p, config, x, t, ctx, mask, pooled)
+    # the coordinates enter as two constant input channels: the same as the image channels
+    # [x, X, Y] through a network that has no coordinate channels of its own
+    wide = UNetConfig(**{**TINY.to_dict(), "in_channels": 4})
+    xin = np.concatenate([x, coord_maps(1, 4, 8, np.float64)], axis=1)
+    out_wide = unet_forward(p, wide, xin, t, ctx, mask, pooled)[0]
+    np.testing.assert_allclose(out, out_wide[:, :2], rtol=0, atol=1e-12)
 
 
 def test_fresh_unet_predicts_zero_and_keeps_dtype():

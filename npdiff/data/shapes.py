@@ -28,8 +28,8 @@ the caption does not name is drawn at random (the background never takes an obje
 color). How often each is named (NAME_PROB; color and shape almost always, so that the
 model sees them in nearly every caption):
 
-    one object (60% of captions):   color 0.9, shape 0.9, size 0.5, position 0.5, background 0.5
-    two objects (40%):              color 0.9 and shape 0.9 and size 0.3, object by object;
+    one object (50% of captions):   color 0.9, shape 0.9, size 0.5, position 0.5, background 0.5
+    two objects (50%):              color 0.9 and shape 0.9 and size 0.3, object by object;
                                     position 0.8 (both objects or neither); background 0.3
 
 Geometry, in pixels of a 32x32 image (everything scales with the resolution): an
@@ -88,7 +88,7 @@ GAP = 3.0               # px; least distance between the bounding boxes of two o
 MAX_JITTER = 2.5        # px; a lone object's centroid moves at most this far from its cell's spot
 
 # How a random caption is made (see sample_scenes).
-P_TWO_OBJECTS = 0.4
+P_TWO_OBJECTS = 0.5
 NAME_PROB = {
     1: {"color": 0.9, "shape": 0.9, "size": 0.5, "position": 0.5, "background": 0.5},
     2: {"color": 0.9, "shape": 0.9, "size": 0.3, "position": 0.8, "background": 0.3},

@@ -19,7 +19,7 @@ import numpy as np
 
 from npdiff.kernels import cuda as K
 from npdiff.nn.text_encoder import TextEncoderConfig
-from npdiff.nn.unet import UNetConfig, _res_plan
+from npdiff.nn.unet import UNetConfig, _res_plan, coord_maps
 
 
 def upload(params: dict[str, np.ndarray]) -> dict:
@@ -95,6 +95,8 @@ def unet_forward_device(dp: dict, config: UNetConfig, x, t, context, context_mas
     emb_act = K.silu(K.linear(pooled, *_w(dp, "text_embed"), residual=e))  # (N, E)
 
     # down: each op's output is kept for a skip connection
+    if config.coord_channels:  # [x, X, Y] (see unet.coord_maps)
+        x = K.concat([x, K.to_device(np.ascontiguousarray(coord_maps(N, H, W, dtype)))], axis=1)
     h = K.conv2d(x, *_w(dp, "conv_in"))  # (N, c0, H, W)
     skips = [h]
     for i in range(nlev):

@@ -6,6 +6,9 @@ vector added to the timestep embedding):
 
     emb    = MLP(sinusoidal(t)) + Linear(pooled)                         (N, E)
     h      = conv_in(x)                                                  (N, c0, H, W)
+             with coord_channels, conv_in sees [x, X, Y]: two more channels holding each pixel's
+             x and y in [-1, 1] (CoordConv, Liu et al. 2018), so that "left" and "top" are
+             something a translation-equivariant network can see away from the borders
     down:  per level i: num_res_blocks x [ResBlock -> (self-attn -> cross-attn)], then a
            stride-2 conv (all levels but the last); every output is kept for a skip connection
     mid:   ResBlock -> self-attn -> cross-attn -> ResBlock
@@ -60,6 +63,11 @@ class UNetConfig:
     time_embed_mult: int = 4                     # embedding width E = base_channels * this (ADM)
     max_period: float = 10000.0                  # longest wavelength of the sinusoidal timestep embedding
     norm_eps: float = 1e-5                       # epsilon of group and layer norms (PyTorch's default)
+    coord_channels: bool = False                 # conv_in also sees each pixel's x and y (CoordConv)
+
+    @property
+    def conv_in_channels(self) -> int:
+        return self.in_channels + (2 if self.coord_channels else 0)
 
     @property
     def out_channels(self) -> int:
@@ -156,7 +164,7 @@ def init_unet(config: UNetConfig, rng: np.random.Generator, dtype=np.float32) ->
     _init_linear(p, "time_embed.0", rng, dtype, E, c0)
     _init_linear(p, "time_embed.2", rng, dtype, E, E)
     _init_linear(p, "text_embed", rng, dtype, E, D)
-    _init_conv(p, "conv_in", rng, dtype, c0, config.in_channels, 3)
+    _init_conv(p, "conv_in", rng, dtype, c0, config.conv_in_channels, 3)
     for name, cin, cout, attn in _res_plan(config):
         _init_res(p, name, rng, dtype, cin, cout, E)
         if attn:
@@ -324,6 +332,21 @@ def _stage_backward(dh, cache, grads):
 # the network
 
 
+def coord_maps(N: int, H: int, W: int, dtype=np.float32) -> np.ndarray:
+    """(N, 2, H, W): channel 0 is each pixel centre's x, channel 1 its y, both from -1 at the left
+    (top) edge to +1 at the right (bottom) edge: X[j] = (2 j + 1) / W - 1."""
+    xs = (2 * np.arange(W) + 1) / W - 1
+    ys = (2 * np.arange(H) + 1) / H - 1
+    maps = np.stack([np.broadcast_to(xs[None, :], (H, W)), np.broadcast_to(ys[:, None], (H, W))])
+    return np.broadcast_to(maps.astype(dtype), (N, 2, H, W))
+
+
+def with_coord_channels(x: np.ndarray) -> np.ndarray:
+    """x (N, C, H, W) -> (N, C + 2, H, W): x followed by its coordinate maps."""
+    N, _, H, W = x.shape
+    return np.concatenate([x, coord_maps(N, H, W, x.dtype)], axis=1)
+
+
 def _check_inputs(params, config, x, t, context, context_mask, pooled):
     dtype = params["conv_in.weight"].dtype
     x = np.asarray(x)
@@ -367,7 +390,8 @@ def unet_forward(params, config, x, t, context, context_mask, pooled, *, rng=Non
     emb_act, c_ea = F.silu_forward(e + ep)  # every block applies Linear(SiLU(emb)): SiLU once here
 
     # down: each op's output is kept for a skip connection
-    h, c_in = F.conv2d_forward(x, params["conv_in.weight"], params["conv_in.bias"])
+    x_in = with_coord_channels(x) if config.coord_channels else x
+    h, c_in = F.conv2d_forward(x_in, params["conv_in.weight"], params["conv_in.bias"])
     skips, down = [h], []
     for i in range(nlev):
         for _ in range(config.num_res_blocks):
