@@ -54,7 +54,7 @@ class TrainArgs:
     train_batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 200
-    max_train_steps: int = 6000
+    max_train_steps: int = 7500
     use_ema: bool = True
     ema_decay: float = 0.999              # the ceiling; early steps use (1 + step) / (10 + step)
     max_grad_norm: float = 1.0
