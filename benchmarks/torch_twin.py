@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-from npdiff.nn.unet import coord_maps
+from npdiff.nn.unet import coord_maps, query_position_features
 
 
 def _heads(x, E):
@@ -103,6 +103,9 @@ class TorchTwin:
         h = h + o.transpose(1, 2).reshape(N, C, H, W)
         tok = TF.layer_norm(h.flatten(2).transpose(1, 2), (C,), self.U[f"{xname}.norm.weight"],
                             self.U[f"{xname}.norm.bias"], self.ucfg.norm_eps)
+        if self.ucfg.query_coords:                   # the queries' position term (unet.query_position_features)
+            f = torch.as_tensor(query_position_features(H, W)).to(tok.dtype)
+            tok = tok + f @ self.U[f"{xname}.pos.weight"].T
         q = _heads(self._lin(tok, f"{xname}.q"), E)
         k, v = _heads(self._lin(ctx, f"{xname}.k"), E), _heads(self._lin(ctx, f"{xname}.v"), E)
         o = self._lin(_merge(TF.scaled_dot_product_attention(q, k, v, attn_mask=kmask)), f"{xname}.proj")

@@ -652,6 +652,9 @@ def add_train(sub) -> None:
     p.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=d.coord_channels,
                    help="give the first convolution each pixel's x and y as two more input channels, "
                         "so that positions such as 'on the left' are easier to learn (default %(default)s)")
+    p.add_argument("--query-coords", action=argparse.BooleanOptionalAction, default=d.query_coords,
+                   help="let every cross-attention query see its position, so that each object's words "
+                        "are read where that object belongs (default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
@@ -685,7 +688,7 @@ def cmd_train(args) -> int:
         checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=args.resume_from_checkpoint,
         validation_prompts=tuple(args.validation_prompts), base_channels=args.base_channels, channel_mult=mult,
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
-        coord_channels=args.coord_channels, text_width=args.text_width, text_layers=args.text_layers,
+        coord_channels=args.coord_channels, query_coords=args.query_coords, text_width=args.text_width, text_layers=args.text_layers,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
     )
     try:

@@ -71,6 +71,7 @@ class TrainArgs:
     attention_levels: tuple[int, ...] = (1, 2)
     num_groups: int = 32
     coord_channels: bool = True           # conv_in also sees each pixel's x and y (UNetConfig)
+    query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
     vocab_size: int = 256
@@ -191,7 +192,7 @@ def build_model(args: TrainArgs, source, rng) -> Model:
         unet=UNetConfig(base_channels=args.base_channels, channel_mult=tuple(args.channel_mult),
                         num_res_blocks=args.num_res_blocks, attention_levels=tuple(args.attention_levels),
                         num_groups=args.num_groups, context_dim=args.text_width,
-                        coord_channels=args.coord_channels),
+                        coord_channels=args.coord_channels, query_coords=args.query_coords),
         text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers),
     )
     return Model.init(config, tokenizer, rng)

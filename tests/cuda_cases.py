@@ -304,12 +304,12 @@ def test_host_kernels_of_the_registry(monkeypatch):
 
 
 UNET_CONFIGS = {  # test_unet.py's TINY, and a variant with learned variance, a 1x1 skip, three levels and
-    # the coordinate channels
+    # the coordinate channels and the queries' position term
     "tiny": dict(in_channels=2, base_channels=4, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                  num_heads=2, context_dim=3, num_groups=2),
     "three-level": dict(in_channels=1, base_channels=4, channel_mult=(1, 1, 2), num_res_blocks=1,
                         attention_levels=(0, 2), num_heads=1, context_dim=2, num_groups=2, learn_sigma=True,
-                        coord_channels=True),
+                        coord_channels=True, query_coords=True),
 }
 
 

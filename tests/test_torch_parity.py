@@ -20,7 +20,8 @@ from npdiff.nn import optim  # noqa: E402
 from npdiff.nn.gradcheck import relative_error  # noqa: E402
 from npdiff.nn.text_encoder import (TextEncoderConfig, init_text_encoder, text_encoder_backward,  # noqa: E402
                                     text_encoder_forward)
-from npdiff.nn.unet import UNetConfig, coord_maps, init_unet, unet_backward, unet_forward  # noqa: E402
+from npdiff.nn.unet import (UNetConfig, coord_maps, init_unet, query_position_features, unet_backward,  # noqa: E402
+                            unet_forward)
 
 TOL = 1e-4
 
@@ -179,6 +180,8 @@ def torch_unet(P, cfg, x, t, ctx, mask, pooled):
         o = lin(_merge(TF.scaled_dot_product_attention(_heads(q, E), _heads(k, E), _heads(v, E))), f"{name}.proj")
         h = h + o.transpose(1, 2).reshape(N, C, H, W)
         tok = TF.layer_norm(h.flatten(2).transpose(1, 2), (C,), P[f"{xname}.norm.weight"], P[f"{xname}.norm.bias"], eps)
+        if cfg.query_coords:
+            tok = tok + torch.as_tensor(query_position_features(H, W)) @ P[f"{xname}.pos.weight"].T
         q, k, v = _heads(lin(tok, f"{xname}.q"), E), _heads(lin(ctx, f"{xname}.k"), E), _heads(lin(ctx, f"{xname}.v"), E)
         o = lin(_merge(TF.scaled_dot_product_attention(q, k, v, attn_mask=tmask)), f"{xname}.proj")
         return h + o.transpose(1, 2).reshape(N, C, H, W)
@@ -217,7 +220,7 @@ def _torch_params(p):
     (UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
                 num_heads=4, context_dim=12, num_groups=8, learn_sigma=True), 16, 24),
     (UNetConfig(in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
-                num_heads=2, context_dim=6, num_groups=4, coord_channels=True), 8, 8),
+                num_heads=2, context_dim=6, num_groups=4, coord_channels=True, query_coords=True), 8, 8),
 ])
 def test_unet_matches_torch_twin(cfg, H, W):
     rng = np.random.default_rng(5)

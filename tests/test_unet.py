@@ -35,7 +35,7 @@ def inputs(config, rng, N=2, H=4, W=6, L=3):
     TINY,
     UNetConfig(in_channels=1, base_channels=4, channel_mult=(1, 1, 2), num_res_blocks=2,
                attention_levels=(0, 2), num_heads=1, context_dim=2, num_groups=2, learn_sigma=True,
-               coord_channels=True),
+               coord_channels=True, query_coords=True),
     # (groups of one channel would make conv1.bias exactly irrelevant: GN2 removes it)
 ])
 def test_unet_directional_derivative(config):

@@ -19,7 +19,7 @@ import numpy as np
 
 from npdiff.kernels import cuda as K
 from npdiff.nn.text_encoder import TextEncoderConfig
-from npdiff.nn.unet import UNetConfig, _res_plan, coord_maps
+from npdiff.nn.unet import UNetConfig, _res_plan, coord_maps, query_position_features
 
 
 def upload(params: dict[str, np.ndarray]) -> dict:
@@ -57,7 +57,11 @@ def _self_attention(dp, name, x, config):
 
 def _cross_attention(dp, name, x, context, context_mask, config):
     """x + proj(CrossAttention(LayerNorm(tokens of x), context)), padding keys masked."""
+    N, _, H, W = x.shape
     h = K.layer_norm(K.to_tokens(x), *_w(dp, f"{name}.norm"), config.norm_eps)  # (N, HW, C)
+    if config.query_coords:  # h + f P^T, f the position features of every token of every image
+        f = np.tile(query_position_features(H, W, h.dtype), (N, 1)).reshape(N, H * W, -1)
+        h = K.linear(K.to_device(f), dp[f"{name}.pos.weight"], residual=h)
     q = K.linear(h, dp[f"{name}.q.weight"])  # (N, HW, C)
     k = K.linear(context, dp[f"{name}.k.weight"])  # (N, L, C)
     v = K.linear(context, dp[f"{name}.v.weight"])

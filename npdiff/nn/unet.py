@@ -9,6 +9,10 @@ vector added to the timestep embedding):
              with coord_channels, conv_in sees [x, X, Y]: two more channels holding each pixel's
              x and y in [-1, 1] (CoordConv, Liu et al. 2018), so that "left" and "top" are
              something a translation-equivariant network can see away from the borders
+             with query_coords, every cross-attention query also sees where it is: its layer-normed
+             features get P f added, f = [X, Y, cos(pi X), cos(pi Y)] at that position and P a
+             learned (C, 4) map starting at zero, so "the blue square on the left" can be read by
+             the positions on the left and not by those on the right
     down:  per level i: num_res_blocks x [ResBlock -> (self-attn -> cross-attn)], then a
            stride-2 conv (all levels but the last); every output is kept for a skip connection
     mid:   ResBlock -> self-attn -> cross-attn -> ResBlock
@@ -27,7 +31,7 @@ is the identity on its skip paths and predicts 0.
 Parameter names (dotted, the safetensors keys; level i counts from 0 at full resolution):
   time_embed.0, time_embed.2, text_embed, conv_in,
   down.{i}.res.{j}.{norm1,conv1,emb,norm2,conv2,skip}, down.{i}.attn.{j}.{norm,qkv,proj},
-  down.{i}.xattn.{j}.{norm,q,k,v,proj}, down.{i}.downsample,
+  down.{i}.xattn.{j}.{norm,q,k,v,proj,pos}, down.{i}.downsample,       (pos: with query_coords)
   mid.res.{0,1}, mid.attn, mid.xattn,
   up.{i}.res.{j}, up.{i}.attn.{j}, up.{i}.xattn.{j}, up.{i}.upsample,
   norm_out, conv_out        each followed by .weight / .bias
@@ -64,6 +68,7 @@ class UNetConfig:
     max_period: float = 10000.0                  # longest wavelength of the sinusoidal timestep embedding
     norm_eps: float = 1e-5                       # epsilon of group and layer norms (PyTorch's default)
     coord_channels: bool = False                 # conv_in also sees each pixel's x and y (CoordConv)
+    query_coords: bool = False                   # cross-attention queries also see their position
 
     @property
     def conv_in_channels(self) -> int:
@@ -148,12 +153,14 @@ def _init_attn(p, name, rng, dtype, C, D):
     _init_linear(p, f"{name}.proj", rng, dtype, C, C, zero=True)
 
 
-def _init_xattn(p, name, rng, dtype, C, D):
+def _init_xattn(p, name, rng, dtype, C, D, query_coords=False):
     _init_norm(p, f"{name}.norm", dtype, C)  # cross-attention on layer-normed tokens
     _init_linear(p, f"{name}.q", rng, dtype, C, C, bias=False)
     _init_linear(p, f"{name}.k", rng, dtype, C, D, bias=False)
     _init_linear(p, f"{name}.v", rng, dtype, C, D, bias=False)
     _init_linear(p, f"{name}.proj", rng, dtype, C, C, zero=True)
+    if query_coords:
+        _init_linear(p, f"{name}.pos", rng, dtype, C, QUERY_FEATURES, bias=False, zero=True)
 
 
 def init_unet(config: UNetConfig, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -169,7 +176,7 @@ def init_unet(config: UNetConfig, rng: np.random.Generator, dtype=np.float32) ->
         _init_res(p, name, rng, dtype, cin, cout, E)
         if attn:
             _init_attn(p, attn[0], rng, dtype, cout, D)
-            _init_xattn(p, attn[1], rng, dtype, cout, D)
+            _init_xattn(p, attn[1], rng, dtype, cout, D, config.query_coords)
     chans = config.level_channels
     for i in range(len(chans) - 1):
         _init_conv(p, f"down.{i}.downsample", rng, dtype, chans[i], chans[i], 3)
@@ -285,21 +292,28 @@ def spatial_self_attention_backward(dy, cache, grads):
 
 
 def spatial_cross_attention_forward(p, name, x, context, context_mask, config):
-    """y = x + proj(CrossAttention(LayerNorm(tokens of x), context)) (Rombach et al. 2022)."""
+    """y = x + proj(CrossAttention(LayerNorm(tokens of x) [+ P f], context)) (Rombach et al. 2022);
+    the position term P f (see query_position_features) only with config.query_coords."""
     h, c_n = F.layer_norm_forward(_to_tokens(x), p[f"{name}.norm.weight"], p[f"{name}.norm.bias"],
                                   config.norm_eps)  # (N, HW, C)
+    feats = None
+    if config.query_coords:
+        feats = query_position_features(x.shape[2], x.shape[3], x.dtype)  # (HW, 4)
+        h = h + feats @ p[f"{name}.pos.weight"].T
     a, c_a = cross_attention_forward(h, context, p[f"{name}.q.weight"], p[f"{name}.k.weight"],
                                      p[f"{name}.v.weight"], p[f"{name}.proj.weight"],
                                      p[f"{name}.proj.bias"], config.num_heads, context_mask)
-    return x + _from_tokens(a, x.shape), (name, c_n, c_a)
+    return x + _from_tokens(a, x.shape), (name, c_n, c_a, feats)
 
 
 def spatial_cross_attention_backward(dy, cache, grads):
     """-> (dx, dcontext)."""
-    name, c_n, c_a = cache
+    name, c_n, c_a, feats = cache
     dh, dctx, dq, dk, dv, dproj_w, dproj_b = cross_attention_backward(_to_tokens(dy), c_a)
     for part, g in (("q", dq), ("k", dk), ("v", dv)):
         _put(grads, f"{name}.{part}", g)
+    if feats is not None:
+        _put(grads, f"{name}.pos", dh.sum(axis=0).T @ feats)  # h gained feats @ P^T at every image
     _put(grads, f"{name}.proj", dproj_w, dproj_b)
     dtok, dw, db = F.layer_norm_backward(dh, c_n)
     _put(grads, f"{name}.norm", dw, db)
@@ -339,6 +353,18 @@ def coord_maps(N: int, H: int, W: int, dtype=np.float32) -> np.ndarray:
     ys = (2 * np.arange(H) + 1) / H - 1
     maps = np.stack([np.broadcast_to(xs[None, :], (H, W)), np.broadcast_to(ys[:, None], (H, W))])
     return np.broadcast_to(maps.astype(dtype), (N, 2, H, W))
+
+
+QUERY_FEATURES = 4  # what a cross-attention query learns its position from (query_position_features)
+
+
+def query_position_features(H: int, W: int, dtype=np.float32) -> np.ndarray:
+    """(H*W, 4), rows in token order (row-major): [X, Y, cos(pi X), cos(pi Y)] of each position,
+    X and Y as in coord_maps. X and Y grow towards the right and the bottom; the cosines peak in
+    the centre, so a linear read-out scores "left", "right", "top", "bottom" and "center" alike.
+    Functions of the relative position only: any canvas size gets the same meaning."""
+    X, Y = coord_maps(1, H, W, np.float64)[0].reshape(2, H * W)
+    return np.stack([X, Y, np.cos(np.pi * X), np.cos(np.pi * Y)], axis=1).astype(dtype)
 
 
 def with_coord_channels(x: np.ndarray) -> np.ndarray:
