@@ -655,6 +655,12 @@ def add_train(sub) -> None:
     p.add_argument("--query-coords", action=argparse.BooleanOptionalAction, default=d.query_coords,
                    help="let every cross-attention query see its position, so that each object's words "
                         "are read where that object belongs (default %(default)s)")
+    p.add_argument("--snr-gamma", type=float, default=d.min_snr_gamma,
+                   help="min-SNR-gamma loss weighting: the x0 error of a step counts min(snr, gamma) times; "
+                        "0 turns it off (default %(default)s)")
+    p.add_argument("--snr-floor", type=float, default=d.snr_floor,
+                   help="... and at least this many times, so that the noisiest steps, where the layout of an "
+                        "image is decided, are trained too; 0 turns it off (default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
@@ -678,6 +684,12 @@ def cmd_train(args) -> int:
     attention = _int_list(args.attention_levels, "--attention-levels", "1,2") if args.attention_levels else ()
     if any(not 0 <= a < len(mult) for a in attention):
         raise UsageError(f"--attention-levels {args.attention_levels} must name levels 0 to {len(mult) - 1}")
+    if args.snr_gamma < 0 or not 0 <= args.snr_floor <= max(args.snr_gamma, 0):
+        raise UsageError(f"--snr-floor {args.snr_floor:g} must lie between 0 and --snr-gamma {args.snr_gamma:g} "
+                         "(and --snr-gamma must not be negative)")
+    if args.snr_floor and args.prediction == "eps":
+        raise UsageError("--snr-floor needs --prediction v or x0 (the eps objective's weight would be 1/snr); "
+                         "pass --snr-floor 0")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is neither 'shapes' nor a folder")
     targs = TrainArgs(
@@ -690,6 +702,7 @@ def cmd_train(args) -> int:
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords, text_width=args.text_width, text_layers=args.text_layers,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
+        min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
     )
     try:
         from npdiff.nn.unet import UNetConfig

@@ -63,7 +63,8 @@ class TrainArgs:
     checkpointing_steps: int = 500
     resume_from_checkpoint: str | None = None   # a checkpoint folder, or "latest"
     validation_prompts: tuple[str, ...] = ()
-    min_snr_gamma: float | None = 5.0
+    min_snr_gamma: float | None = 5.0     # loss weight min(snr, gamma) on the x0 error (Hang et al. 2023)
+    snr_floor: float | None = 1.0         # ... and at least this much (truncated SNR, Salimans & Ho 2022)
     # model shape
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -139,7 +140,7 @@ def train_step(model: Model, args: TrainArgs, schedule, images: np.ndarray, capt
     context, mask, pooled, tcache = model.encode_text(captions)
     out, ucache = model.unet(x_t, schedule.timesteps[t], context, mask, pooled)
     loss, dout = training_loss(schedule, out, x0, noise, t, model.config.prediction_type,
-                               min_snr_gamma=args.min_snr_gamma)
+                               min_snr_gamma=args.min_snr_gamma, snr_floor=args.snr_floor)
     ugrads, dcontext, dpooled = model.unet_backward(dout.astype(np.float32), ucache)
     tgrads = model.encode_text_backward(dcontext, dpooled, tcache)
     grads = {**{f"unet.{k}": g for k, g in ugrads.items()}, **{f"text.{k}": g for k, g in tgrads.items()}}

@@ -56,6 +56,47 @@ def test_min_snr_weights_in_each_form():
     assert np.allclose(min_snr_weight(s, gamma, "v"), [0.0, 0.5 / 1.5, 5 / 6, 5 / 51])  # min(snr, g)/(snr+1)
 
 
+def test_snr_floor_keeps_the_noisiest_steps():
+    s = np.array([0.0, 0.5, 2.0, 5.0, 50.0])
+    # the x0 error counts clip(snr, 1, 5) times: 1 at the noisy end, where min-SNR alone gives 0
+    assert np.allclose(min_snr_weight(s, 5.0, "x0", floor=1.0), [1.0, 1.0, 2.0, 5.0, 5.0])
+    assert np.allclose(min_snr_weight(s, 5.0, "v", floor=1.0), [1.0, 1 / 1.5, 2 / 3, 5 / 6, 5 / 51])
+    assert np.allclose(min_snr_weight(s, 5.0, "v", floor=0.0), min_snr_weight(s, 5.0, "v"))
+    # the cosine schedule's last steps: without a floor they are all but untrained
+    cos = Schedule.from_name("cosine", 1000)
+    late = snr(cos, np.array([900, 990]))
+    assert np.all(min_snr_weight(late, 5.0, "v") < 0.03)
+    assert np.all(min_snr_weight(late, 5.0, "v", floor=1.0) > 0.97)
+    with pytest.raises(ValueError, match="eps objective"):
+        min_snr_weight(s, 5.0, "eps", floor=1.0)
+    with pytest.raises(ValueError, match="floor must lie"):
+        min_snr_weight(s, 5.0, "v", floor=6.0)
+    with pytest.raises(ValueError, match="needs min_snr_gamma"):
+        training_loss(SCHED, np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), [3], "v",
+                      snr_floor=1.0)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), prediction=st.sampled_from([Prediction.X0, Prediction.V]),
+       floor=st.sampled_from([0.5, 1.0, 3.0]))
+def test_floored_loss_is_the_clipped_x0_error_and_its_gradient_matches(seed, prediction, floor):
+    # With v, ||v_hat - v||^2 = (snr + 1) ||x0_hat - x0||^2: the floored weight makes either objective
+    # mean_n clip(snr, floor, gamma) ||x0_hat - x0||^2, for the same x0 guess.
+    rng, x0, noise, t = batch(seed)
+    x_t = q_sample(SCHED, x0, t, noise)
+    x0_hat = x0 + 0.3 * rng.standard_normal(x0.shape)
+    _, eps_hat = predict_x0_eps(SCHED, x_t, t, x0_hat, Prediction.X0)
+    alpha = np.sqrt(SCHED.alphas_cumprod[t])[:, None, None, None]
+    sigma = np.sqrt(1 - SCHED.alphas_cumprod[t])[:, None, None, None]
+    out = x0_hat if prediction is Prediction.X0 else alpha * eps_hat - sigma * x0_hat
+    loss, grad = training_loss(SCHED, out, x0, noise, t, prediction, min_snr_gamma=5.0, snr_floor=floor)
+    expected = np.mean(np.clip(snr(SCHED, t), floor, 5.0) * ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3)))
+    assert loss == pytest.approx(expected, rel=1e-8)
+    fd = central_difference(lambda o: training_loss(SCHED, o, x0, noise, t, prediction, min_snr_gamma=5.0,
+                                                    snr_floor=floor)[0], out)
+    assert np.allclose(grad, fd, rtol=1e-6, atol=1e-9)
+
+
 @SETTINGS
 @given(seed=st.integers(0, 10_000), gamma=st.sampled_from([1.0, 5.0, 20.0]))
 def test_min_snr_weighting_makes_the_three_objectives_one(seed, gamma):

@@ -11,6 +11,14 @@ For the same underlying x0 estimate these differ only by a factor that depends o
     ||eps_hat - eps||^2 = snr ||x0_hat - x0||^2,   ||v_hat - v||^2 = (snr + 1) ||x0_hat - x0||^2,
 which is why min-SNR-gamma (Hang et al. 2023, "Efficient diffusion training via min-SNR weighting
 strategy") takes a different form per objective so that all three weight the x0 error by min(snr, gamma).
+
+That weight goes to zero with the snr: the noisiest steps, where a sampler's first steps decide the
+layout of the image (where the object goes, what color the background is), would hardly be trained
+(at t = 900 of the cosine schedule the v weight is 0.024, at t = 990 it is 0.0002). A floor keeps
+them: the x0 error is weighted by clip(snr, floor, gamma); with floor 1 the noisy end is the
+"truncated SNR" weighting max(snr, 1) of Salimans & Ho 2022 ("Progressive distillation for fast
+sampling of diffusion models", Sec. 4), the rest is min-SNR-gamma. (The eps objective cannot take a
+floor: its weight in x0 terms is snr, so keeping the x0 error at snr -> 0 needs a weight of 1 / snr.)
 """
 
 from __future__ import annotations
@@ -29,16 +37,22 @@ def _per_example(values, ndim):
     return values.reshape(values.shape + (1,) * (ndim - 1))
 
 
-def min_snr_weight(snr, gamma: float, prediction) -> np.ndarray:
+def min_snr_weight(snr, gamma: float, prediction, floor: float | None = None) -> np.ndarray:
     """The per-example loss weight of min-SNR-gamma for a given objective.
 
     eps: min(snr, gamma) / snr   (1 where snr <= gamma, which is also its limit at snr = 0)
     x0:  min(snr, gamma)
     v:   min(snr, gamma) / (snr + 1)
+    With a floor (x0 and v only), min(snr, gamma) becomes clip(snr, floor, gamma).
     """
     snr = np.asarray(snr, dtype=np.float64)
     prediction = as_prediction(prediction)
-    clipped = np.minimum(snr, gamma)
+    if floor is not None and not 0.0 <= floor <= gamma:
+        raise ValueError(f"the SNR floor must lie in [0, gamma={gamma}], got {floor}")
+    if floor and prediction is Prediction.EPS:
+        raise ValueError("the eps objective cannot take an SNR floor (its weight would be 1/snr); "
+                         "use x0 or v prediction, or no floor")
+    clipped = np.clip(snr, floor or 0.0, gamma)
     if prediction is Prediction.EPS:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(snr > gamma, gamma / snr, 1.0)
@@ -48,7 +62,7 @@ def min_snr_weight(snr, gamma: float, prediction) -> np.ndarray:
 
 
 def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction, min_snr_gamma=None,
-                  variance=Variance.FIXED_SMALL, vlb_weight: float = 0.001, x_t=None, return_terms: bool = False):
+                  snr_floor=None, variance=Variance.FIXED_SMALL, vlb_weight: float = 0.001, x_t=None, return_terms: bool = False):
     """(loss, d loss / d model_output) for one batch.
 
     model_output (N, C, ...) or, with variance=LEARNED_RANGE, (N, 2C, ...): prediction, then improved
@@ -57,7 +71,7 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
 
     L = mean_n w_n mse_n                                   (L_simple, Ho et al. 2020 eq. 14)
       + vlb_weight * T * mean_n L_vlb,n    if learned       (L_hybrid, Nichol & Dhariwal 2021 Sec. 3.1)
-    where w_n is the min-SNR weight (1 without it) and L_vlb,n the bound term of example n at its t, in
+    where w_n is the min-SNR weight (1 without it; snr_floor as in min_snr_weight) and L_vlb,n the bound term of example n at its t, in
     bits per dimension. T * L_t is the one-sample estimate of the whole bound sum_t L_t for uniform t;
     with vlb_weight = 0.001 this equals improved-diffusion's L_simple + L_vb * T / 1000. The bound term
     sees the mean through a stop-gradient, so it trains only the variance (as in the paper).
@@ -77,9 +91,11 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
     diff = pred.astype(np.float64) - target  # (N, C, ...)
     mse = (diff**2).reshape(N, -1).mean(axis=1)  # (N,)
     if min_snr_gamma is None:
+        if snr_floor:
+            raise ValueError("an SNR floor needs min_snr_gamma")
         w = np.ones(N)
     else:
-        w = min_snr_weight(snr_of(schedule, t_idx), min_snr_gamma, prediction)  # (N,)
+        w = min_snr_weight(snr_of(schedule, t_idx), min_snr_gamma, prediction, snr_floor)  # (N,)
     loss_simple = float(np.mean(w * mse))
     # d/d pred of mean_n w_n (1/D) sum_j diff_nj^2
     d_pred = _per_example(w, diff.ndim) * 2.0 * diff / (N * D)
