@@ -139,7 +139,8 @@ def torch_batch(model, args, schedule, images, captions, rng):
     x_t = q_sample(schedule, x0, t, noise).astype(np.float32)
     ids, mask = model.tokenizer.encode_batch(captions, model.config.max_length)
     target = prediction_target(schedule, x0, t, noise, model.config.prediction_type).astype(np.float32)
-    w = min_snr_weight(snr(schedule, t), args.min_snr_gamma, model.config.prediction_type).astype(np.float32)
+    w = min_snr_weight(snr(schedule, t), args.min_snr_gamma, model.config.prediction_type,
+                       args.snr_floor).astype(np.float32)
     return x_t, schedule.timesteps[t], ids, mask, target, w
 
 

@@ -104,7 +104,7 @@ class TorchTwin:
         tok = TF.layer_norm(h.flatten(2).transpose(1, 2), (C,), self.U[f"{xname}.norm.weight"],
                             self.U[f"{xname}.norm.bias"], self.ucfg.norm_eps)
         if self.ucfg.query_coords:                   # the queries' position term (unet.query_position_features)
-            f = torch.as_tensor(query_position_features(H, W)).to(tok.dtype)
+            f = torch.tensor(query_position_features(H, W)).to(tok.dtype)
             tok = tok + f @ self.U[f"{xname}.pos.weight"].T
         q = _heads(self._lin(tok, f"{xname}.q"), E)
         k, v = _heads(self._lin(ctx, f"{xname}.k"), E), _heads(self._lin(ctx, f"{xname}.v"), E)

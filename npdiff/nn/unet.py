@@ -43,6 +43,7 @@ Dimension legend:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,13 +359,17 @@ def coord_maps(N: int, H: int, W: int, dtype=np.float32) -> np.ndarray:
 QUERY_FEATURES = 4  # what a cross-attention query learns its position from (query_position_features)
 
 
+@functools.lru_cache(maxsize=64)
 def query_position_features(H: int, W: int, dtype=np.float32) -> np.ndarray:
     """(H*W, 4), rows in token order (row-major): [X, Y, cos(pi X), cos(pi Y)] of each position,
     X and Y as in coord_maps. X and Y grow towards the right and the bottom; the cosines peak in
     the centre, so a linear read-out scores "left", "right", "top", "bottom" and "center" alike.
-    Functions of the relative position only: any canvas size gets the same meaning."""
+    Functions of the relative position only: any canvas size gets the same meaning.
+    Made once per size and dtype (every cross-attention call asks for it) and read-only."""
     X, Y = coord_maps(1, H, W, np.float64)[0].reshape(2, H * W)
-    return np.stack([X, Y, np.cos(np.pi * X), np.cos(np.pi * Y)], axis=1).astype(dtype)
+    feats = np.stack([X, Y, np.cos(np.pi * X), np.cos(np.pi * Y)], axis=1).astype(dtype)
+    feats.setflags(write=False)
+    return feats
 
 
 def with_coord_channels(x: np.ndarray) -> np.ndarray:
