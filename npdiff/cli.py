@@ -658,9 +658,10 @@ def add_train(sub) -> None:
     p.add_argument("--snr-gamma", type=float, default=d.min_snr_gamma,
                    help="min-SNR-gamma loss weighting: the x0 error of a step counts min(snr, gamma) times; "
                         "0 turns it off (default %(default)s)")
-    p.add_argument("--snr-floor", type=float, default=d.snr_floor,
+    p.add_argument("--snr-floor", type=float, default=d.snr_floor or 0.0,
                    help="... and at least this many times, so that the noisiest steps, where the layout of an "
-                        "image is decided, are trained too; 0 turns it off (default %(default)s)")
+                        "image is decided, are trained too (on the shapes recipe, floor 1 lost shape accuracy: "
+                        "see the README); 0 is off (default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)

@@ -8,7 +8,7 @@ One step (Ho et al. 2020, Algorithm 1, with text conditioning):
     context, pooled   <- text encoder(tokenizer(captions))
     t ~ U{0..T-1}, noise ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise
     out               <- U-Net(x_t, t, context, pooled)
-    loss, dout        <- objective(out, x0, noise, t)        (eps, x0 or v; min-SNR weights, floored)
+    loss, dout        <- objective(out, x0, noise, t)        (eps, x0 or v; min-SNR weights)
     grads             <- U-Net backward, then text-encoder backward
     clip by global norm, AdamW with warmup + cosine learning rate, EMA of the weights
     (decay min(ema_decay, (1 + step) / (10 + step)), so early averages forget the random init)
@@ -64,7 +64,7 @@ class TrainArgs:
     resume_from_checkpoint: str | None = None   # a checkpoint folder, or "latest"
     validation_prompts: tuple[str, ...] = ()
     min_snr_gamma: float | None = 5.0     # loss weight min(snr, gamma) on the x0 error (Hang et al. 2023)
-    snr_floor: float | None = 1.0         # ... and at least this much (truncated SNR, Salimans & Ho 2022)
+    snr_floor: float | None = None        # ... and at least this much (truncated SNR, Salimans & Ho 2022)
     # model shape
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)

@@ -95,7 +95,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--data", "/no/such/folder"], "neither 'shapes' nor a folder"),
     (["train", "--snr-floor", "6"], "must lie between 0 and --snr-gamma 5"),
     (["train", "--snr-gamma", "-1", "--snr-floor", "0"], "must not be negative"),
-    (["train", "--prediction", "eps"], "--snr-floor needs --prediction v or x0"),
+    (["train", "--prediction", "eps", "--snr-floor", "1"], "--snr-floor needs --prediction v or x0"),
 ])
 def test_train_flag_errors(argv, needle, capsys, tmp_path):
     code = main(argv + ["--output-dir", str(tmp_path / "o")])
