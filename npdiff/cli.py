@@ -648,7 +648,9 @@ def add_train(sub) -> None:
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     p.add_argument("--attention-levels", default=",".join(map(str, d.attention_levels)),
                    help="levels with self- and cross-attention, e.g. 1,2 (level i has side resolution/2^i)")
-    p.add_argument("--num-groups", type=int, default=d.num_groups, help="group-norm groups")
+    p.add_argument("--num-groups", type=int, default=d.num_groups,
+                   help="group-norm groups; as many groups as channels erases every feature that is the "
+                        "same at each pixel, such as a flat background (default %(default)s)")
     p.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=d.coord_channels,
                    help="give the first convolution each pixel's x and y as two more input channels, "
                         "so that positions such as 'on the left' are easier to learn (default %(default)s)")

@@ -62,7 +62,9 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (1, 2)   # levels with self- and cross-attention (16x16, 8x8)
     num_heads: int = 4                           # attention heads (head width = channels / heads)
     context_dim: int = 128                       # width of the text encoder's tokens and pooled vector
-    num_groups: int = 32                         # group-norm groups (Wu & He 2018's default)
+    num_groups: int = 32                         # group-norm groups (Wu & He 2018's default); with one
+                                                 # channel per group a feature constant over the image
+                                                 # (a flat background) cannot pass a norm
     dropout: float = 0.0                         # in residual blocks; active only when unet_forward gets an rng
     learn_sigma: bool = False                    # output 2x channels: prediction and variance v (Nichol & Dhariwal 2021)
     time_embed_mult: int = 4                     # embedding width E = base_channels * this (ADM)
