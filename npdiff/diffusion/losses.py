@@ -74,8 +74,9 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
       + vlb_weight * T * mean_n L_vlb,n    if learned       (L_hybrid, Nichol & Dhariwal 2021 Sec. 3.1)
     where w_n is the min-SNR weight (1 without it; snr_floor as in min_snr_weight) and L_vlb,n the
     bound term of example n at its t, in bits per dimension. T * L_t is the one-sample estimate of the
-    whole bound sum_t L_t for uniform t; with vlb_weight = 0.001 this equals improved-diffusion's L_simple + L_vb * T / 1000. The bound term
-    sees the mean through a stop-gradient, so it trains only the variance (as in the paper).
+    whole bound sum_t L_t for uniform t; with vlb_weight = 0.001 this equals improved-diffusion's
+    L_simple + L_vb * T / 1000. The bound term sees the mean through a stop-gradient, so it trains
+    only the variance (as in the paper).
     """
     prediction, variance = as_prediction(prediction), as_variance(variance)
     t_idx = np.broadcast_to(np.asarray(t_idx, dtype=np.int64), (x0.shape[0],))
