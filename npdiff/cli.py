@@ -664,6 +664,10 @@ def add_train(sub) -> None:
                    help="... and at least this many times, so that the noisiest steps, where the layout of an "
                         "image is decided, are trained too (on the shapes recipe, floor 1 lost shape accuracy: "
                         "see the README); 0 is off (default %(default)s)")
+    p.add_argument("--multiscale-snr", action=argparse.BooleanOptionalAction, default=d.multiscale_snr,
+                   help="weight each scale of the error by its own snr: a mean over b x b pixels sees b^2 snr, "
+                        "so the layout and background colour, decided at the noisiest steps, are trained "
+                        "there while fine detail keeps min-SNR (needs --snr-gamma; default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
@@ -693,6 +697,8 @@ def cmd_train(args) -> int:
     if args.snr_floor and args.prediction == "eps":
         raise UsageError("--snr-floor needs --prediction v or x0 (the eps objective's weight would be 1/snr); "
                          "pass --snr-floor 0")
+    if args.multiscale_snr and not args.snr_gamma:
+        raise UsageError("--multiscale-snr weights each scale by min(snr, gamma): give --snr-gamma a positive value")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is neither 'shapes' nor a folder")
     targs = TrainArgs(
@@ -706,6 +712,7 @@ def cmd_train(args) -> int:
         coord_channels=args.coord_channels, query_coords=args.query_coords, text_width=args.text_width, text_layers=args.text_layers,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
+        multiscale_snr=args.multiscale_snr,
     )
     try:
         from npdiff.nn.unet import UNetConfig

@@ -65,6 +65,7 @@ class TrainArgs:
     validation_prompts: tuple[str, ...] = ()
     min_snr_gamma: float | None = 5.0     # loss weight min(snr, gamma) on the x0 error (Hang et al. 2023)
     snr_floor: float | None = None        # ... and at least this much (truncated SNR, Salimans & Ho 2022)
+    multiscale_snr: bool = False          # each Haar band of the error weighted with its own snr (losses.py)
     # model shape
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -140,7 +141,8 @@ def train_step(model: Model, args: TrainArgs, schedule, images: np.ndarray, capt
     context, mask, pooled, tcache = model.encode_text(captions)
     out, ucache = model.unet(x_t, schedule.timesteps[t], context, mask, pooled)
     loss, dout = training_loss(schedule, out, x0, noise, t, model.config.prediction_type,
-                               min_snr_gamma=args.min_snr_gamma, snr_floor=args.snr_floor)
+                               min_snr_gamma=args.min_snr_gamma, snr_floor=args.snr_floor,
+                               multiscale=args.multiscale_snr)
     ugrads, dcontext, dpooled = model.unet_backward(dout.astype(np.float32), ucache)
     tgrads = model.encode_text_backward(dcontext, dpooled, tcache)
     grads = {**{f"unet.{k}": g for k, g in ugrads.items()}, **{f"text.{k}": g for k, g in tgrads.items()}}

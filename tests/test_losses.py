@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from npdiff.diffusion.losses import haar_bands
 from npdiff.diffusion import (Prediction, Schedule, discretized_gaussian_log_likelihood, min_snr_weight,
                               normal_kl, predict_x0_eps, prediction_target, q_posterior_mean_variance, q_sample,
                               snr, training_loss)
@@ -176,3 +177,63 @@ def test_loss_errors_and_dtypes():
     for p in ["eps", "x0", "v"]:  # SNR = 0 at the last step: every weight stays finite
         loss, grad = training_loss(zero, np.zeros(x0.shape), x0, noise, t_last, p, min_snr_gamma=5.0)
         assert np.isfinite(loss) and np.all(np.isfinite(grad))
+
+
+# -- multiscale weighting: every Haar band of the error weighted with its own snr --------------------
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), h=st.sampled_from([2, 4, 6, 8, 12]), w=st.sampled_from([2, 4, 8, 10]))
+def test_haar_bands_split_the_error_into_orthogonal_parts(seed, h, w):
+    e = np.random.default_rng(seed).standard_normal((2, 3, h, w))
+    bands = haar_bands(e)
+    factors = [f for f, _ in bands]
+    assert factors[0] == 1 and factors[-1] == h * w and factors == sorted(factors)
+    assert np.allclose(sum(b for _, b in bands), e, atol=1e-12)
+    for i, (_, a) in enumerate(bands):
+        for _, b in bands[i + 1:]:
+            assert abs(np.sum(a * b)) < 1e-9          # orthogonal: the squared norms add up
+    assert np.allclose(bands[-1][1], e.mean(axis=(2, 3), keepdims=True))
+
+
+def test_multiscale_weights_a_flat_error_by_the_image_snr_and_a_checkerboard_by_the_pixel_snr():
+    # Closed forms on a 32 x 32 image: an error that is the same at every pixel lies wholly in the
+    # image-mean band (snr seen 1024 times over); a +-c checkerboard lies wholly in the finest band.
+    cos = Schedule.from_name("cosine", 1000)
+    t = np.array([500, 900, 950, 990])
+    s = snr(cos, t)
+    x0 = np.zeros((4, 3, 32, 32))
+    noise = np.random.default_rng(0).standard_normal(x0.shape)
+    target = prediction_target(cos, x0, t, noise, "x0")
+    flat = np.full(x0.shape, 0.3)
+    checker = 0.3 * np.where((np.indices((32, 32)).sum(axis=0) % 2) == 0, 1.0, -1.0) * np.ones(x0.shape)
+    for err, factor in ((flat, 1024.0), (checker, 1.0)):
+        loss = training_loss(cos, target + err, x0, noise, t, "x0", min_snr_gamma=5.0, multiscale=True)[0]
+        assert loss == pytest.approx(np.mean(np.minimum(factor * s, 5.0) * 0.09), rel=1e-9)
+    # at t = 950 the flat error counts 5 (min(1024 snr, 5)) and the checkerboard 0.006: about 850 times less
+    assert np.minimum(1024 * s[2], 5.0) / np.minimum(s[2], 5.0) > 800
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), prediction=st.sampled_from(list(Prediction)),
+       floor=st.sampled_from([None, 0.5]))
+def test_multiscale_loss_gradient_and_its_plain_limit(seed, prediction, floor):
+    if prediction is Prediction.EPS:
+        floor = None
+    rng, x0, noise, t = batch(seed, shape=(3, 2, 4, 4))
+    out = rng.standard_normal(x0.shape)
+    f = lambda o: training_loss(SCHED, o, x0, noise, t, prediction, min_snr_gamma=5.0, snr_floor=floor,
+                                multiscale=True)
+    loss, grad = f(out)
+    assert np.allclose(grad, central_difference(lambda o: f(o)[0], out), rtol=1e-6, atol=1e-9)
+    # every band sees at least the pixel snr: never less than the plain loss
+    plain = training_loss(SCHED, out, x0, noise, t, prediction, min_snr_gamma=5.0, snr_floor=floor)[0]
+    assert loss >= plain * (1 - 1e-12)
+    # where even the pixel snr exceeds gamma every band weighs gamma: the plain min-SNR loss
+    low = np.zeros_like(t)
+    assert snr(SCHED, low).min() > 5.0
+    assert training_loss(SCHED, out, x0, noise, low, prediction, min_snr_gamma=5.0, multiscale=True)[0] == \
+        pytest.approx(training_loss(SCHED, out, x0, noise, low, prediction, min_snr_gamma=5.0)[0], rel=1e-10)
+    with pytest.raises(ValueError, match="needs min_snr_gamma"):
+        training_loss(SCHED, out, x0, noise, t, prediction, multiscale=True)
+    with pytest.raises(ValueError, match="needs images"):
+        training_loss(SCHED, out[:, 0], x0[:, 0], noise[:, 0], t, prediction, min_snr_gamma=5.0, multiscale=True)

@@ -63,6 +63,19 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path):
     assert all(np.array_equal(model.params[k], ema[k]) for k in ema)   # the export holds the EMA weights
 
 
+def test_multiscale_snr_reaches_the_training_step():
+    """The same batch, timesteps and noise: multiscale weighting only adds weight to coarse bands."""
+    source = train_mod.make_source(TINY)
+    model = train_mod.build_model(TINY, source, np.random.default_rng(0))
+    images, captions = source.batch(np.random.default_rng(3), 8)
+    schedule = model.config.schedule()
+    plain, g_plain = train_mod.train_step(model, TINY, schedule, images, captions, np.random.default_rng(7))
+    multi, g_multi = train_mod.train_step(model, replace(TINY, multiscale_snr=True), schedule, images, captions,
+                                          np.random.default_rng(7))
+    assert multi > plain and np.isfinite(multi)
+    assert not np.allclose(g_plain["unet.conv_out.bias"], g_multi["unet.conv_out.bias"])
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real_step = train_mod.train_step
     calls = {"n": 0}
@@ -96,6 +109,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--snr-floor", "6"], "must lie between 0 and --snr-gamma 5"),
     (["train", "--snr-gamma", "-1", "--snr-floor", "0"], "must not be negative"),
     (["train", "--prediction", "eps", "--snr-floor", "1"], "--snr-floor needs --prediction v or x0"),
+    (["train", "--multiscale-snr", "--snr-gamma", "0"], "give --snr-gamma a positive value"),
 ])
 def test_train_flag_errors(argv, needle, capsys, tmp_path):
     code = main(argv + ["--output-dir", str(tmp_path / "o")])

@@ -19,6 +19,21 @@ them: the x0 error is weighted by clip(snr, floor, gamma); with floor 1 the nois
 "truncated SNR" weighting max(snr, 1) of Salimans & Ho 2022 ("Progressive distillation for fast
 sampling of diffusion models", Sec. 4), the rest is min-SNR-gamma. (The eps objective cannot take a
 floor: its weight in x0 terms is snr, so keeping the x0 error at snr -> 0 needs a weight of 1 / snr.)
+
+A floor weights every part of the error alike, the fine detail that no network can guess from pure
+noise included. Multiscale weighting (multiscale=True) instead gives each spatial scale of the error
+the SNR of that scale. Split the error e of an image into the bands of a Haar pyramid,
+
+    e = (e - P_2 e) + (P_2 e - P_4 e) + ... + (P_B e - P_HW e) + P_HW e,
+
+with P_b e the mean of e over each b x b block (repeated back over the block) and P_HW e its mean over
+the whole image. The bands are orthogonal, so ||e||^2 is the sum of their squared norms. A mean over
+b x b pixels has 1/b^2 of the noise variance and, on a flat patch, all of the signal: the band that
+starts at block size b sees the image at b^2 snr, the image mean (the background colour) at H W snr.
+Each band's x0 error is weighted by min(b^2 snr, gamma) (clip with a floor), so at t = 950 of the
+cosine schedule, where the per-pixel weight is 0.006, the band of 16 x 16 blocks (where the object
+sits) counts 1.5 and the image mean 5, while fine detail keeps its min-SNR weight. With every band
+weighted min(snr, gamma) this is the plain min-SNR loss.
 """
 
 from __future__ import annotations
@@ -37,13 +52,15 @@ def _per_example(values, ndim):
     return values.reshape(values.shape + (1,) * (ndim - 1))
 
 
-def min_snr_weight(snr, gamma: float, prediction, floor: float | None = None) -> np.ndarray:
+def min_snr_weight(snr, gamma: float, prediction, floor: float | None = None, factor: float = 1.0) -> np.ndarray:
     """The per-example loss weight of min-SNR-gamma for a given objective.
 
     eps: min(snr, gamma) / snr   (1 where snr <= gamma, which is also its limit at snr = 0)
     x0:  min(snr, gamma)
     v:   min(snr, gamma) / (snr + 1)
-    With a floor (x0 and v only), min(snr, gamma) becomes clip(snr, floor, gamma).
+    With a floor (x0 and v only), min(snr, gamma) becomes clip(snr, floor, gamma). With a factor
+    (a band of the multiscale loss, which sees factor * snr), min(snr, gamma) becomes
+    min(factor * snr, gamma), still on an error of the objective's own kind.
     """
     snr = np.asarray(snr, dtype=np.float64)
     prediction = as_prediction(prediction)
@@ -52,18 +69,33 @@ def min_snr_weight(snr, gamma: float, prediction, floor: float | None = None) ->
     if floor and prediction is Prediction.EPS:
         raise ValueError("the eps objective cannot take an SNR floor (its weight would be 1/snr); "
                          "use x0 or v prediction, or no floor")
-    clipped = np.clip(snr, floor or 0.0, gamma)
+    clipped = np.clip(factor * snr, floor or 0.0, gamma)
     if prediction is Prediction.EPS:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(snr > gamma, gamma / snr, 1.0)
+            return np.where(factor * snr > gamma, gamma / snr, factor)
     if prediction is Prediction.X0:
         return clipped
     return clipped / (snr + 1.0)
 
 
+def haar_bands(e: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """(N, C, H, W) -> [(factor, band)]: the orthogonal bands of a Haar pyramid (see the module
+    docstring), finest first, each with the factor by which it sees the snr (b^2, and H W for the
+    image mean). The bands sum to e. Block sizes double while they divide H and W."""
+    N, C, H, W = e.shape
+    levels, b = [(1.0, e)], 2
+    while H % b == 0 and W % b == 0 and b < max(H, W):
+        m = e.reshape(N, C, H // b, b, W // b, b).mean(axis=(3, 5), keepdims=True)
+        levels.append((float(b * b), np.broadcast_to(m, (N, C, H // b, b, W // b, b)).reshape(e.shape)))
+        b *= 2
+    levels.append((float(H * W), np.broadcast_to(e.mean(axis=(2, 3), keepdims=True), e.shape)))
+    bands = [(f, p - q) for (f, p), (_, q) in zip(levels, levels[1:])]
+    return bands + [levels[-1]]
+
+
 def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction, min_snr_gamma=None,
-                  snr_floor=None, variance=Variance.FIXED_SMALL, vlb_weight: float = 0.001, x_t=None,
-                  return_terms: bool = False):
+                  snr_floor=None, multiscale: bool = False, variance=Variance.FIXED_SMALL,
+                  vlb_weight: float = 0.001, x_t=None, return_terms: bool = False):
     """(loss, d loss / d model_output) for one batch.
 
     model_output (N, C, ...) or, with variance=LEARNED_RANGE, (N, 2C, ...): prediction, then improved
@@ -77,6 +109,8 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
     whole bound sum_t L_t for uniform t; with vlb_weight = 0.001 this equals improved-diffusion's
     L_simple + L_vb * T / 1000. The bound term sees the mean through a stop-gradient, so it trains
     only the variance (as in the paper).
+    multiscale (images, with min_snr_gamma): w_n mse_n becomes sum_k w_nk ||band_k||^2 / D over the
+    bands of haar_bands(pred - target), band k weighted with its own snr (module docstring).
     """
     prediction, variance = as_prediction(prediction), as_variance(variance)
     t_idx = np.broadcast_to(np.asarray(t_idx, dtype=np.int64), (x0.shape[0],))
@@ -93,14 +127,27 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
     diff = pred.astype(np.float64) - target  # (N, C, ...)
     mse = (diff**2).reshape(N, -1).mean(axis=1)  # (N,)
     if min_snr_gamma is None:
-        if snr_floor:
-            raise ValueError("an SNR floor needs min_snr_gamma")
+        if snr_floor or multiscale:
+            raise ValueError(f"{'an SNR floor' if snr_floor else 'multiscale weighting'} needs min_snr_gamma")
         w = np.ones(N)
     else:
         w = min_snr_weight(snr_of(schedule, t_idx), min_snr_gamma, prediction, snr_floor)  # (N,)
-    loss_simple = float(np.mean(w * mse))
-    # d/d pred of mean_n w_n (1/D) sum_j diff_nj^2
-    d_pred = _per_example(w, diff.ndim) * 2.0 * diff / (N * D)
+    if not multiscale:
+        loss_simple = float(np.mean(w * mse))
+        # d/d pred of mean_n w_n (1/D) sum_j diff_nj^2
+        d_pred = _per_example(w, diff.ndim) * 2.0 * diff / (N * D)
+    else:
+        if diff.ndim != 4:
+            raise ValueError(f"multiscale weighting needs images (N, C, H, W), got shape {diff.shape}")
+        s = snr_of(schedule, t_idx)
+        weighted = np.zeros(N)
+        d_pred = np.zeros_like(diff)
+        for factor, band in haar_bands(diff):
+            wk = min_snr_weight(s, min_snr_gamma, prediction, snr_floor, factor)  # (N,)
+            weighted += wk * (band**2).reshape(N, -1).mean(axis=1)
+            # the bands are orthogonal projections of diff: d ||band||^2 / d diff = 2 band
+            d_pred += _per_example(wk, 4) * 2.0 * band / (N * D)
+        loss_simple = float(np.mean(weighted))
     terms = dict(mse=mse, weight=w, loss_simple=loss_simple)
 
     if variance is not Variance.LEARNED_RANGE:
