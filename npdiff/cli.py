@@ -666,7 +666,7 @@ def add_train(sub) -> None:
                         "see the README); 0 is off (default %(default)s)")
     p.add_argument("--multiscale-snr", action=argparse.BooleanOptionalAction, default=d.multiscale_snr,
                    help="weight each scale of the error by its own snr: a mean over b x b pixels sees b^2 snr, "
-                        "so the layout and background colour, decided at the noisiest steps, are trained "
+                        "so the layout and background color, decided at the noisiest steps, are trained "
                         "there while fine detail keeps min-SNR (needs --snr-gamma; default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)

@@ -29,11 +29,14 @@ the SNR of that scale. Split the error e of an image into the bands of a Haar py
 with P_b e the mean of e over each b x b block (repeated back over the block) and P_HW e its mean over
 the whole image. The bands are orthogonal, so ||e||^2 is the sum of their squared norms. A mean over
 b x b pixels has 1/b^2 of the noise variance and, on a flat patch, all of the signal: the band that
-starts at block size b sees the image at b^2 snr, the image mean (the background colour) at H W snr.
+starts at block size b sees the image at b^2 snr, the image mean (the background color) at H W snr.
 Each band's x0 error is weighted by min(b^2 snr, gamma) (clip with a floor), so at t = 950 of the
 cosine schedule, where the per-pixel weight is 0.006, the band of 16 x 16 blocks (where the object
 sits) counts 1.5 and the image mean 5, while fine detail keeps its min-SNR weight. With every band
-weighted min(snr, gamma) this is the plain min-SNR loss.
+weighted min(snr, gamma) this is the plain min-SNR loss. That average pooling by b raises the snr
+by b^2 is the observation behind the shifted schedules of Hoogeboom et al. 2023 ("simple diffusion",
+Sec. 3), which also add losses on downsampled images (their multiscale loss, Sec. 3.3); here the
+bands partition the one error, so each part of it is counted once, at the weight its snr calls for.
 """
 
 from __future__ import annotations
