@@ -667,7 +667,8 @@ def add_train(sub) -> None:
     p.add_argument("--multiscale-snr", action=argparse.BooleanOptionalAction, default=d.multiscale_snr,
                    help="weight each scale of the error by its own snr: a mean over b x b pixels sees b^2 snr, "
                         "so the layout and background color, decided at the noisiest steps, are trained "
-                        "there while fine detail keeps min-SNR (needs --snr-gamma; default %(default)s)")
+                        "there while fine detail keeps min-SNR; on the shapes recipe it left samples grainy and lost "
+                        "shape accuracy, see the README (needs --snr-gamma; default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
