@@ -129,28 +129,26 @@ def training_loss(schedule: Schedule, model_output, x0, noise, t_idx, prediction
     target = prediction_target(schedule, x0, t_idx, noise, prediction)
     diff = pred.astype(np.float64) - target  # (N, C, ...)
     mse = (diff**2).reshape(N, -1).mean(axis=1)  # (N,)
-    if min_snr_gamma is None:
-        if snr_floor or multiscale:
-            raise ValueError(f"{'an SNR floor' if snr_floor else 'multiscale weighting'} needs min_snr_gamma")
-        w = np.ones(N)
-    else:
-        w = min_snr_weight(snr_of(schedule, t_idx), min_snr_gamma, prediction, snr_floor)  # (N,)
-    if not multiscale:
-        loss_simple = float(np.mean(w * mse))
-        # d/d pred of mean_n w_n (1/D) sum_j diff_nj^2
-        d_pred = _per_example(w, diff.ndim) * 2.0 * diff / (N * D)
-    else:
-        if diff.ndim != 4:
-            raise ValueError(f"multiscale weighting needs images (N, C, H, W), got shape {diff.shape}")
-        s = snr_of(schedule, t_idx)
-        weighted = np.zeros(N)
-        d_pred = np.zeros_like(diff)
-        for factor, band in haar_bands(diff):
-            wk = min_snr_weight(s, min_snr_gamma, prediction, snr_floor, factor)  # (N,)
-            weighted += wk * (band**2).reshape(N, -1).mean(axis=1)
-            # the bands are orthogonal projections of diff: d ||band||^2 / d diff = 2 band
-            d_pred += _per_example(wk, 4) * 2.0 * band / (N * D)
-        loss_simple = float(np.mean(weighted))
+    if min_snr_gamma is None and (snr_floor or multiscale):
+        raise ValueError(f"{'an SNR floor' if snr_floor else 'multiscale weighting'} needs min_snr_gamma")
+    if multiscale and diff.ndim != 4:
+        raise ValueError(f"multiscale weighting needs images (N, C, H, W), got shape {diff.shape}")
+    s = snr_of(schedule, t_idx)
+
+    def weight(factor):                                                  # (N,)
+        if min_snr_gamma is None:
+            return np.ones(N)
+        return min_snr_weight(s, min_snr_gamma, prediction, snr_floor, factor)
+
+    # mean_n sum_k w_nk (1/D) ||band_k||^2; without multiscale the one band is diff itself (factor 1).
+    # The bands are orthogonal projections of diff, so d ||band||^2 / d diff = 2 band.
+    w = weight(1.0)
+    weighted, d_pred = np.zeros(N), np.zeros_like(diff)
+    for factor, band in haar_bands(diff) if multiscale else [(1.0, diff)]:
+        wk = w if factor == 1.0 else weight(factor)
+        weighted += wk * (band**2).reshape(N, -1).mean(axis=1)
+        d_pred += _per_example(wk, diff.ndim) * 2.0 * band / (N * D)
+    loss_simple = float(np.mean(weighted))
     terms = dict(mse=mse, weight=w, loss_simple=loss_simple)
 
     if variance is not Variance.LEARNED_RANGE:
