@@ -51,7 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_drawing_args(p, n_default: int | None = None, parent: bool = False) -> None:
     inherit = " (default: the parent's)" if parent else ""
     p.add_argument("--model", default=None, help="model folder (default: the model shipped in the package)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the first image; image i uses seed+i (default: random)")
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps, 1-1000 (default {25}){inherit}")
     p.add_argument("--sampler", default=None, help=f"ddpm, ddim, dpmpp-2m (default), euler, heun, euler-a{inherit}")
     p.add_argument("--cfg", "--guidance-scale", dest="cfg", type=float, default=None,
@@ -85,7 +86,8 @@ def add_sample(sub) -> None:
     p.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
                    help="re-create an image (or grid) npdiff made, from the recipe in its metadata")
     p.add_argument("--trajectory", default=None, metavar="OUT.gif",
-                   help="also write the denoising as an animated GIF: x_t (left) and the predicted x_0 (right) per step")
+                   help="also write the denoising as an animated GIF: x_t (left) and the predicted x_0 (right) "
+                        "per step")
     _add_drawing_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -135,7 +137,8 @@ def _recreate(args) -> int:
             set_backend(recipe["backend"])
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"{source} was made on the {recipe['backend']!r} backend, which is not available "
-                             f"here ({e}); pass --backend to re-make it on another (the pixels may then differ)") from None
+                             f"here ({e}); pass --backend to re-make it on another (the pixels may then differ)"
+                             ) from None
     recipe = {**recipe, "backend": backend_name()}       # the new image records where it was made
     _check_outdir(Path(args.outdir))
     if args.trajectory:
@@ -481,7 +484,8 @@ def _make_and_write(args, loaded: _Loaded, recipe: dict, *, only="all", trajecto
 
     loaded.compile_kernels()
     images = run_recipe(recipe, Pipeline(loaded.model), progress=not args.quiet and sys.stderr.isatty(),
-                        callback=keep_frame if trajectory else None, source=getattr(args, "from_image", None) or "the recipe")
+                        callback=keep_frame if trajectory else None,
+                        source=getattr(args, "from_image", None) or "the recipe")
     outdir = Path(args.outdir)
     rows = 2 if recipe["n"] == 4 else None
     indices = range(recipe["n"]) if only == "all" else ([] if only is None else [only])
@@ -558,7 +562,8 @@ def add_explain(sub) -> None:
                                    "schedule) and trajectory.png (x_t and the predicted x_0 along a sampler's walk; "
                                    "needs a model). t is the paper's t, 1..T; t = 0 is the clean image.")
     p.add_argument("--prompt", default="a red circle on a blue background",
-                   help="drawn by the shapes dataset for noising.png (unless --image) and by the model for the trajectory")
+                   help="drawn by the shapes dataset for noising.png (unless --image) and by the model for the "
+                        "trajectory")
     p.add_argument("--image", default=None, help="an image to noise instead of the shapes drawing")
     p.add_argument("--t", default="0,50,100,250,500,750,1000", help="comma-separated t values for noising.png")
     p.add_argument("--model", default=None, help="model folder for the trajectory (default: the shipped model)")
@@ -628,7 +633,8 @@ def add_train(sub) -> None:
                        description="Train a text-to-image model on procedural shapes or a folder of captioned images.")
     p.add_argument("--data", default=d.data, help="'shapes' (procedural, default) or a folder with metadata.jsonl "
                                                    "or a .txt caption beside each image")
-    p.add_argument("--output-dir", default=d.output_dir, help=f"where checkpoints and the model go (default {d.output_dir})")
+    p.add_argument("--output-dir", default=d.output_dir,
+                   help=f"where checkpoints and the model go (default {d.output_dir})")
     p.add_argument("--resolution", type=int, default=d.resolution, help="image side, a multiple of 8 (default 32)")
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -710,7 +716,8 @@ def cmd_train(args) -> int:
         checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=args.resume_from_checkpoint,
         validation_prompts=tuple(args.validation_prompts), base_channels=args.base_channels, channel_mult=mult,
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
-        coord_channels=args.coord_channels, query_coords=args.query_coords, text_width=args.text_width, text_layers=args.text_layers,
+        coord_channels=args.coord_channels, query_coords=args.query_coords,
+        text_width=args.text_width, text_layers=args.text_layers,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
         multiscale_snr=args.multiscale_snr,

@@ -80,5 +80,6 @@ def format_table(results: dict) -> str:
     for scale, by_group in results.items():
         for group, row in by_group.items():
             cells = [f"{100 * row[a]:.0f}%" if a in row else "-" for a in attrs]
-            lines.append(f"| {float(scale):g} | {group} | {row['n']} | " + " | ".join(cells) + f" | {100 * row['all']:.0f}% |")
+            lines.append(f"| {float(scale):g} | {group} | {row['n']} | " + " | ".join(cells)
+                         + f" | {100 * row['all']:.0f}% |")
     return "\n".join(lines)

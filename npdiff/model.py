@@ -47,8 +47,10 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         if d.get("format") != FORMAT:
             raise ckpt.CheckpointError(f"config.json has format {d.get('format')!r}, expected {FORMAT!r}")
-        plain = {k.name: d[k.name] for k in dataclasses.fields(cls) if k.name in d and k.name not in ("unet", "text_encoder")}
-        return cls(**plain, unet=UNetConfig.from_dict(d["unet"]), text_encoder=TextEncoderConfig.from_dict(d["text_encoder"]))
+        nested = ("unet", "text_encoder")
+        plain = {k.name: d[k.name] for k in dataclasses.fields(cls) if k.name in d and k.name not in nested}
+        return cls(**plain, unet=UNetConfig.from_dict(d["unet"]),
+                   text_encoder=TextEncoderConfig.from_dict(d["text_encoder"]))
 
     def validate(self) -> None:
         """Raise ValueError (or TypeError, for a value of the wrong kind) unless this config describes a
@@ -123,7 +125,8 @@ class Model:
     def load(cls, path=DEFAULT_MODEL_DIR, weights_file: str = ckpt.MODEL_FILE, dtype=np.float32) -> "Model":
         path = Path(path)
         if not path.is_dir():
-            raise ckpt.CheckpointError(f"model folder {path} does not exist; pass --model with a folder made by `npdiff train`")
+            raise ckpt.CheckpointError(f"model folder {path} does not exist; "
+                                       "pass --model with a folder made by `npdiff train`")
         raw = ckpt.load_json(path / ckpt.CONFIG_FILE)
         try:
             config = ModelConfig.from_dict(raw)
@@ -132,7 +135,8 @@ class Model:
         except ckpt.CheckpointError:
             raise
         except (KeyError, TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path / ckpt.CONFIG_FILE} is missing or has a wrong field ({e}); re-save the model") from None
+            raise ckpt.CheckpointError(f"{path / ckpt.CONFIG_FILE} is missing or has a wrong field ({e}); "
+                                       "re-save the model") from None
         tok_path = path / ckpt.TOKENIZER_FILE
         if not tok_path.is_file():
             raise ckpt.CheckpointError(f"{tok_path} does not exist; a model folder needs its tokenizer.json")

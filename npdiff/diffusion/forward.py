@@ -31,7 +31,8 @@ class Variance(Enum):
 
     FIXED_SMALL = "fixed_small"  # beta~_t: optimal when x_0 is a single point (Ho et al. 2020, Sec. 3.2)
     FIXED_LARGE = "fixed_large"  # beta_t: optimal when x_0 ~ N(0, I)
-    LEARNED_RANGE = "learned_range"  # exp(v log beta_t + (1 - v) log beta~_t), v predicted (Nichol & Dhariwal 2021, eq. 15)
+    # exp(v log beta_t + (1 - v) log beta~_t), v predicted (Nichol & Dhariwal 2021, eq. 15)
+    LEARNED_RANGE = "learned_range"
 
 
 def as_prediction(p) -> Prediction:

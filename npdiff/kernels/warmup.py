@@ -79,8 +79,8 @@ def compile_in_two_processes(model, model_dir: Path) -> bool:
     package_parent = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
     try:
-        helper = subprocess.Popen([sys.executable, "-m", "npdiff.kernels.warmup", str(model_dir)], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        helper = subprocess.Popen([sys.executable, "-m", "npdiff.kernels.warmup", str(model_dir)], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return False                       # no second process: the first call of each kernel compiles it
     try:

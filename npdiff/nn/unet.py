@@ -66,7 +66,7 @@ class UNetConfig:
                                                  # channel per group a feature constant over the image
                                                  # (a flat background) cannot pass a norm
     dropout: float = 0.0                         # in residual blocks; active only when unet_forward gets an rng
-    learn_sigma: bool = False                    # output 2x channels: prediction and variance v (Nichol & Dhariwal 2021)
+    learn_sigma: bool = False                    # 2x channels out: prediction and variance v (Nichol & Dhariwal 2021)
     time_embed_mult: int = 4                     # embedding width E = base_channels * this (ADM)
     max_period: float = 10000.0                  # longest wavelength of the sinusoidal timestep embedding
     norm_eps: float = 1e-5                       # epsilon of group and layer norms (PyTorch's default)

@@ -89,7 +89,8 @@ def sample_repaint(model_fn, schedule: Schedule, x_T, rng: np.random.Generator, 
         if move[0] == "up":
             _, i, j = move
             ratio = sched.alphas_cumprod[j] / sched.alphas_cumprod[i]  # q(x_j | x_i) = N(sqrt(ratio) x_i, 1 - ratio)
-            x = (np.sqrt(ratio) * x + np.sqrt(1.0 - ratio) * rng.standard_normal(x.shape, dtype=x.dtype)).astype(x.dtype)
+            noise = rng.standard_normal(x.shape, dtype=x.dtype)
+            x = (np.sqrt(ratio) * x + np.sqrt(1.0 - ratio) * noise).astype(x.dtype)
             continue
         i = move[1]
         pred, var = call_model(model_fn, x, sched.timesteps[i])
