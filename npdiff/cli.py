@@ -677,6 +677,11 @@ def add_train(sub) -> None:
                         "shape accuracy, see the README (needs --snr-gamma; default %(default)s)")
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--text-layers", type=int, default=d.text_layers)
+    p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
+                   help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
+                        "keeps its text encoder frozen (Saharia et al. 2022); trained jointly on the shapes "
+                        "captions, the encoder learns to give 'left' and 'right' nearly the same features, "
+                        "see the README (default %(default)s)")
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
     p.add_argument("--beta-schedule", default=d.beta_schedule, help="linear, scaled_linear, cosine, sigmoid")
     p.add_argument("--backend", default=None,
@@ -717,7 +722,7 @@ def cmd_train(args) -> int:
         validation_prompts=tuple(args.validation_prompts), base_channels=args.base_channels, channel_mult=mult,
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
-        text_width=args.text_width, text_layers=args.text_layers,
+        text_width=args.text_width, text_layers=args.text_layers, freeze_text_encoder=args.freeze_text_encoder,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
         multiscale_snr=args.multiscale_snr,

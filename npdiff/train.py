@@ -76,6 +76,7 @@ class TrainArgs:
     query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
+    freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     vocab_size: int = 256
     beta_schedule: str = "cosine"
     prediction: str = "v"
@@ -144,8 +145,10 @@ def train_step(model: Model, args: TrainArgs, schedule, images: np.ndarray, capt
                                min_snr_gamma=args.min_snr_gamma, snr_floor=args.snr_floor,
                                multiscale=args.multiscale_snr)
     ugrads, dcontext, dpooled = model.unet_backward(dout.astype(np.float32), ucache)
-    tgrads = model.encode_text_backward(dcontext, dpooled, tcache)
-    grads = {**{f"unet.{k}": g for k, g in ugrads.items()}, **{f"text.{k}": g for k, g in tgrads.items()}}
+    grads = {f"unet.{k}": g for k, g in ugrads.items()}
+    if not args.freeze_text_encoder:   # frozen: no text gradients, so AdamW leaves those weights alone
+        tgrads = model.encode_text_backward(dcontext, dpooled, tcache)
+        grads.update({f"text.{k}": g for k, g in tgrads.items()})
     return float(loss), grads
 
 
@@ -220,6 +223,15 @@ def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool)
     return opt_state, ema
 
 
+def _check_same_recipe(resume: Path, state: dict, args: TrainArgs) -> None:
+    """A resumed run must train what the stopped run trained, or it would not continue it exactly."""
+    was = bool(state["args"].get("freeze_text_encoder", False))
+    if was != args.freeze_text_encoder:
+        flag = "--freeze-text-encoder" if was else "--no-freeze-text-encoder"
+        raise ckpt.CheckpointError(f"{resume} was trained with{'' if was else 'out'} a frozen text encoder; "
+                                   f"resume with {flag}")
+
+
 def learning_rate(args: TrainArgs, step: int) -> float:
     return optim.warmup_cosine(step, args.learning_rate, args.lr_warmup_steps, args.max_train_steps)
 
@@ -237,6 +249,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
         opt_state, ema = _load_training_state(resume, model, state, args.use_ema)
+        _check_same_recipe(resume, state, args)
         _truncate_log(out / "train_log.jsonl", step)
     else:
         rng = np.random.default_rng(args.seed)
