@@ -147,3 +147,31 @@ def test_resume_checks_optimizer_and_ema_files(tmp_path, capsys, damage, needle)
     err = capsys.readouterr().err
     assert code == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_frozen_text_encoder_keeps_its_weights_while_the_unet_learns(tmp_path):
+    args = replace(TINY, max_train_steps=2)
+    source = train_mod.make_source(args)
+    start = train_mod.build_model(args, source, np.random.default_rng(args.seed))
+    images, captions = source.batch(np.random.default_rng(1), 3)
+    for frozen in (False, True):
+        _, grads = train_mod.train_step(start, replace(args, freeze_text_encoder=frozen), start.config.schedule(),
+                                        images, captions, np.random.default_rng(2))
+        assert any(k.startswith("text.") for k in grads) is not frozen
+    out = tmp_path / "frozen"
+    train(replace(args, output_dir=str(out), freeze_text_encoder=True), progress=False)
+    after = ckpt.load_tensors(out / "checkpoint-2" / ckpt.MODEL_FILE)
+    changed = {k for k in after if not np.array_equal(after[k], start.params[k])}
+    assert changed and all(k.startswith("unet.") for k in changed)
+
+
+def test_resume_with_the_other_text_encoder_setting_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(replace(TINY, output_dir=str(out), max_train_steps=2, freeze_text_encoder=True), progress=False)
+    argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
+            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
+            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "resume with --freeze-text-encoder" in err and len(err.strip().splitlines()) == 1, err
