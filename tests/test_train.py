@@ -117,6 +117,18 @@ def test_train_flag_errors(argv, needle, capsys, tmp_path):
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
+def _resume_tiny_run_and_fail(out, capsys) -> str:
+    """Resume the TINY run in `out` through the CLI; it must fail with one line of error (exit 2)."""
+    argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
+            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
+            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
 @pytest.mark.parametrize("damage, needle", [
     ("optimizer-shape", "optimizer.safetensors does not match"),
     ("optimizer-missing", "optimizer.safetensors does not match"),
@@ -140,13 +152,8 @@ def test_resume_checks_optimizer_and_ema_files(tmp_path, capsys, damage, needle)
         else:
             del tensors[name]
         path.write_bytes(ckpt.tensor_bytes(tensors))
-    argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
-            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
-            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert needle in err and len(err.strip().splitlines()) == 1, err
+    err = _resume_tiny_run_and_fail(out, capsys)
+    assert needle in err, err
 
 
 def test_a_frozen_text_encoder_keeps_its_weights_while_the_unet_learns(tmp_path):
@@ -168,10 +175,5 @@ def test_a_frozen_text_encoder_keeps_its_weights_while_the_unet_learns(tmp_path)
 def test_resume_with_the_other_text_encoder_setting_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "run"
     train(replace(TINY, output_dir=str(out), max_train_steps=2, freeze_text_encoder=True), progress=False)
-    argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
-            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
-            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "resume with --freeze-text-encoder" in err and len(err.strip().splitlines()) == 1, err
+    err = _resume_tiny_run_and_fail(out, capsys)
+    assert "resume with --freeze-text-encoder" in err, err
