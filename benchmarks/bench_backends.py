@@ -96,7 +96,8 @@ def kernel_cases(rng):
     mlp = randn(N, TEXT_LEN, 512)
     return {
         "conv2d 3x3": ((x, w, b), lambda x, w, b: ref.conv2d_forward(x, w, b, 1, 1), f"x {x.shape}, w {w.shape}"),
-        "group_norm": ((x, b, b), lambda x, g, be: ref.group_norm_forward(x, g, be, 32, 1e-5)[0], f"x {x.shape}, 32 groups"),
+        "group_norm": ((x, b, b), lambda x, g, be: ref.group_norm_forward(x, g, be, 32, 1e-5)[0],
+                       f"x {x.shape}, 32 groups"),
         "layer_norm": ((tokens, b, b), lambda t, g, be: ref.layer_norm_forward(t, g, be, 1e-5)[0], f"x {tokens.shape}"),
         "linear": ((tokens, wl, bl), ref.linear_forward, f"x {tokens.shape}, w {wl.shape}"),
         "attention": ((q, k, v), lambda q, k, v: ref.attention_forward(q, k, v, None, 0.25)[0], f"q k v {q.shape}"),

@@ -533,7 +533,8 @@ def summarize(runs, cold, memory, threads):
     for i, shape in enumerate(shapes):
         c0 = runs[0]["conv"][i]
         g = 3 * c0["gflop_fwd"]  # forward + backward (dx and dw) = 3 forward products
-        add(f"conv2d 3x3 fwd+bwd N={shape[0]} C={shape[1]} {shape[2]}x{shape[3]} K={shape[4]} s={shape[5]} (x{c0['count']})",
+        n, c, h, w, k, s = shape
+        add(f"conv2d 3x3 fwd+bwd N={n} C={c} {h}x{w} K={k} s={s} (x{c0['count']})",
             [r["conv"][i]["npdiff_fwd"] + r["conv"][i]["npdiff_bwd"] for r in runs],
             [r["conv"][i]["torch_fwd"] + r["conv"][i]["torch_bwd"] for r in runs], g)
     tot = [sum(c["count"] * (c["npdiff_fwd"] + c["npdiff_bwd"]) for c in r["conv"]) for r in runs]
@@ -593,10 +594,13 @@ def table(summary):
                  f"({100 * o[1]:.1f}-{100 * o[2]:.1f}%) of the time | | | | |")
     if summary["cold_start_first_step_s"]:
         c, w = summary["cold_start_first_step_s"], summary["warm_start_first_step_s"]
-        lines.append(f"| `npdiff sample` to the first denoising step, empty Numba cache | {c[0]:.1f} ({c[1]:.1f}-{c[2]:.1f}) s | | | | |")
-        lines.append(f"| `npdiff sample` to the first denoising step, warm cache | {w[0]:.2f} ({w[1]:.2f}-{w[2]:.2f}) s | | | | |")
+        lines.append("| `npdiff sample` to the first denoising step, empty Numba cache | "
+                     f"{c[0]:.1f} ({c[1]:.1f}-{c[2]:.1f}) s | | | | |")
+        lines.append("| `npdiff sample` to the first denoising step, warm cache | "
+                     f"{w[0]:.2f} ({w[1]:.2f}-{w[2]:.2f}) s | | | | |")
     mem = summary["peak_memory_mib"]
-    for job, what in (("train", f"peak RSS, training batch {TRAIN_BATCH}"), ("sample", "peak RSS, sampling a 2x2 grid (batch 4, CFG 8)")):
+    for job, what in (("train", f"peak RSS, training batch {TRAIN_BATCH}"),
+                      ("sample", "peak RSS, sampling a 2x2 grid (batch 4, CFG 8)")):
         if f"{job}/npdiff" in mem:
             n, t = mem[f"{job}/npdiff"]["peak_mib"], mem[f"{job}/torch"]["peak_mib"]
             lines.append(f"| {what} | {n:.0f} MiB | {t:.0f} MiB | {n / t:.2f} | | |")
@@ -611,7 +615,8 @@ def table(summary):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="fresh processes for the timing sections")
-    ap.add_argument("--cold-runs", type=int, default=2, help="cold/warm start pairs (each cold run compiles every kernel)")
+    ap.add_argument("--cold-runs", type=int, default=2,
+                    help="cold/warm start pairs (each cold run compiles every kernel)")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per measurement within a process")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=str(HERE / "results" / "bench_unet.json"))

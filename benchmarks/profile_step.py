@@ -58,12 +58,14 @@ def main():
         step_fn()
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
-    what = "sampler network evaluation, shipped model" if a.sample else f"training step, base_channels={a.base_channels}"
+    what = ("sampler network evaluation, shipped model" if a.sample
+            else f"training step, base_channels={a.base_channels}")
     print(f"backend={kernels.backend_name()} {what} batch={a.batch} load={os.getloadavg()[0]:.2f}")
     print(f"first step {warm:.3f} s; steps {', '.join(f'{t:.3f}' for t in times)} s (median {step:.3f})")
     total = sum(times)
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:22s} {t / a.steps * 1e3:8.1f} ms/step  {100 * t / total:5.1f}%  ({counts[name] // a.steps} calls)")
+        print(f"  {name:22s} {t / a.steps * 1e3:8.1f} ms/step  {100 * t / total:5.1f}%  "
+              f"({counts[name] // a.steps} calls)")
     other = total - sum(totals.values())
     print(f"  {'other':22s} {other / a.steps * 1e3:8.1f} ms/step  {100 * other / total:5.1f}%")
 
@@ -81,7 +83,8 @@ def _train_step(base_channels, batch):
 def _sampler_step(batch):
     model = Model.load()
     with inference():
-        context, mask, pooled, _ = model.encode_text(["a red circle on the left and a blue square on the right"] * batch)
+        prompt = "a red circle on the left and a blue square on the right"
+        context, mask, pooled, _ = model.encode_text([prompt] * batch)
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     t = np.full(batch, 500)
 

@@ -218,7 +218,8 @@ def test_embeddings_and_pooling(dtype):
     t = np.array([0.0, 17.0, 999.0, 431.5])
     for dim in (6, 7):  # an odd width gets a zero column
         want, _ = timestep_embedding_forward(t, dim, 10000.0, np.float64)
-        check(f"timestep_embedding dim={dim}", dtype, K.to_host(K.timestep_embedding(dev(t), dim, 10000.0, dtype)), want)
+        got = K.to_host(K.timestep_embedding(dev(t), dim, 10000.0, dtype))
+        check(f"timestep_embedding dim={dim}", dtype, got, want)
     x = draw(rng, (2, 5, 3), dtype)
     mask = np.array([[True, True, False, True, False], [True, False, False, False, False]])
     w = mask / mask.sum(axis=1, keepdims=True)
@@ -356,7 +357,8 @@ def test_text_encoder_forward(dtype):
     before = kernels.backend_name()
     try:
         kernels.set_backend("reference")
-        tok_ref, pooled_ref, _ = text_encoder_forward({k: v.astype(np.float64) for k, v in p.items()}, config, ids, mask)
+        p64 = {k: v.astype(np.float64) for k, v in p.items()}
+        tok_ref, pooled_ref, _ = text_encoder_forward(p64, config, ids, mask)
     finally:
         kernels.set_backend(before)
     tok, pooled = text_encoder_forward_device(upload(p), config, dev(ids), dev(mask))

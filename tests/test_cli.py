@@ -181,7 +181,8 @@ def test_inline_parameters_are_the_flags(capsys, model_dir, tmp_path):
                "--negative-prompt", "blue, green", "-n", "2")
     assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
     r = recipe_of(a[0])
-    assert (r["prompt"], r["negative_prompt"], r["seed"], r["cfg"], r["n"]) == ("a red circle", "blue, green", 3, 2.0, 2)
+    got = (r["prompt"], r["negative_prompt"], r["seed"], r["cfg"], r["n"])
+    assert got == ("a red circle", "blue, green", 3, 2.0, 2)
 
 
 def test_same_seed_same_bytes_other_seed_other_pixels(capsys, model_dir, tmp_path):
@@ -308,7 +309,8 @@ def test_inpaint_keeps_the_black_part_exactly(capsys, model_dir, tmp_path):
 def test_zoom_out_and_pan_grow_the_canvas_around_the_parent(capsys, model_dir, tmp_path):
     parent = sample(capsys, model_dir, tmp_path / "a", "a red circle", "--seed", "2", "-n", "1")[0]
     src = read_image(parent)[0]
-    code, kids, err = run(capsys, "zoom-out", parent, "--model", model_dir, "--outdir", tmp_path / "z", "-n", "1", *FAST)
+    code, kids, err = run(capsys, "zoom-out", parent, "--model", model_dir, "--outdir", tmp_path / "z",
+                          "-n", "1", *FAST)
     assert code == 0, err
     out = read_image(kids[0])[0]
     assert out.shape == (32, 32, 3) and np.array_equal(out[8:24, 8:24], src)

@@ -48,7 +48,8 @@ def simulator_run(tmp_path_factory):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NPDIFF_CUDA_LAUNCH_LOG=str(log),
                OPENBLAS_NUM_THREADS="1")  # idle BLAS threads spinning would only slow the simulator's threads
     env.pop("NPDIFF_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-s", "-p", "no:cacheprovider", str(TESTS / "cuda_cases.py")]
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-s", "-p", "no:cacheprovider",
+           str(TESTS / "cuda_cases.py")]
     proc = subprocess.run(cmd, env=env, cwd=TESTS.parent, capture_output=True, text=True,
                           timeout=HANG_GUARD_S)
     launches = json.loads(log.read_text()) if log.exists() else []

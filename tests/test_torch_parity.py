@@ -182,7 +182,8 @@ def torch_unet(P, cfg, x, t, ctx, mask, pooled):
         tok = TF.layer_norm(h.flatten(2).transpose(1, 2), (C,), P[f"{xname}.norm.weight"], P[f"{xname}.norm.bias"], eps)
         if cfg.query_coords:
             tok = tok + torch.tensor(query_position_features(H, W)) @ P[f"{xname}.pos.weight"].T
-        q, k, v = _heads(lin(tok, f"{xname}.q"), E), _heads(lin(ctx, f"{xname}.k"), E), _heads(lin(ctx, f"{xname}.v"), E)
+        q = _heads(lin(tok, f"{xname}.q"), E)
+        k, v = _heads(lin(ctx, f"{xname}.k"), E), _heads(lin(ctx, f"{xname}.v"), E)
         o = lin(_merge(TF.scaled_dot_product_attention(q, k, v, attn_mask=tmask)), f"{xname}.proj")
         return h + o.transpose(1, 2).reshape(N, C, H, W)
 
