@@ -73,7 +73,7 @@ class TrainArgs:
     attention_levels: tuple[int, ...] = (1, 2)
     num_groups: int = 32
     coord_channels: bool = True           # conv_in also sees each pixel's x and y (UNetConfig)
-    query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
+    query_coords: bool = False            # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
