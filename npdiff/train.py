@@ -191,9 +191,9 @@ def resolve_resume(args: TrainArgs) -> Path | None:
 # ----------------------------------------------------------------------------
 # the loop
 
-def build_model(args: TrainArgs, source, rng) -> Model:
-    tokenizer = train_tokenizer(source.captions_for_tokenizer(rng), vocab_size=args.vocab_size)
-    config = ModelConfig(
+def model_config(args: TrainArgs) -> ModelConfig:
+    """The network a run trains (the text encoder's vocabulary size comes from its tokenizer)."""
+    return ModelConfig(
         resolution=args.resolution, beta_schedule=args.beta_schedule, prediction=args.prediction,
         unet=UNetConfig(base_channels=args.base_channels, channel_mult=tuple(args.channel_mult),
                         num_res_blocks=args.num_res_blocks, attention_levels=tuple(args.attention_levels),
@@ -201,7 +201,11 @@ def build_model(args: TrainArgs, source, rng) -> Model:
                         coord_channels=args.coord_channels, query_coords=args.query_coords),
         text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers),
     )
-    return Model.init(config, tokenizer, rng)
+
+
+def build_model(args: TrainArgs, source, rng) -> Model:
+    tokenizer = train_tokenizer(source.captions_for_tokenizer(rng), vocab_size=args.vocab_size)
+    return Model.init(model_config(args), tokenizer, rng)
 
 
 def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool):

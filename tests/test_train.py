@@ -9,7 +9,7 @@ import pytest
 from npdiff import checkpoint as ckpt
 from npdiff import train as train_mod
 from npdiff.cli import main
-from npdiff.model import Model
+from npdiff.model import DEFAULT_MODEL_DIR, Model, ModelConfig
 from npdiff.train import TrainArgs, TrainingError, train
 
 TINY = TrainArgs(resolution=16, train_batch_size=3, max_train_steps=4, checkpointing_steps=2, lr_warmup_steps=1,
@@ -61,6 +61,15 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path):
     ema = ckpt.load_tensors(out / "checkpoint-30" / ckpt.EMA_FILE)
     assert model.params.keys() == ema.keys()
     assert all(np.array_equal(model.params[k], ema[k]) for k in ema)   # the export holds the EMA weights
+
+
+def test_train_defaults_build_the_shipped_network():
+    """`train` with no shape flags trains the network that ships in npdiff/weights/."""
+    shipped = ModelConfig.from_dict(json.loads((DEFAULT_MODEL_DIR / "config.json").read_text()))
+    built = train_mod.model_config(TrainArgs())
+    built.text_encoder.vocab_size = shipped.text_encoder.vocab_size  # set by the tokenizer a run trains
+    built.text_encoder.max_length = built.max_length                  # as Model.init sets it
+    assert built == shipped
 
 
 def test_multiscale_snr_reaches_the_training_step():
