@@ -126,7 +126,7 @@ class TorchTwin:
         nlev = len(cfg.channel_mult)
         if cfg.coord_channels:                       # [x, X, Y], the maps npdiff builds
             N, _, H, W = x.shape
-            x = torch.cat([x, torch.as_tensor(np.ascontiguousarray(coord_maps(N, H, W))).to(x.dtype)], 1)
+            x = torch.cat([x, torch.tensor(coord_maps(N, H, W), dtype=x.dtype)], 1)
         h = self._conv(x, "conv_in")
         skips = [h]
         for i in range(nlev):
