@@ -8,6 +8,7 @@ probed first; files are written only once every image is drawn, each under a fre
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -682,6 +683,9 @@ def add_train(sub) -> None:
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly on the shapes "
                         "captions, the encoder learns to give 'left' and 'right' nearly the same features, "
                         "see the README (default %(default)s)")
+    p.add_argument("--text-encoder-lr-scale", type=float, default=d.text_encoder_lr_scale, metavar="S",
+                   help="train the text encoder at S times --learning-rate, between frozen (see "
+                        "--freeze-text-encoder) and the U-Net's own rate (default %(default)s)")
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
     p.add_argument("--beta-schedule", default=d.beta_schedule, help="linear, scaled_linear, cosine, sigmoid")
     p.add_argument("--backend", default=None,
@@ -711,6 +715,9 @@ def cmd_train(args) -> int:
                          "pass --snr-floor 0")
     if args.multiscale_snr and not args.snr_gamma:
         raise UsageError("--multiscale-snr weights each scale by min(snr, gamma): give --snr-gamma a positive value")
+    if not (math.isfinite(args.text_encoder_lr_scale) and args.text_encoder_lr_scale > 0):
+        raise UsageError(f"--text-encoder-lr-scale {args.text_encoder_lr_scale:g} must be positive; "
+                         "to keep the encoder as it starts, use --freeze-text-encoder")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is neither 'shapes' nor a folder")
     targs = TrainArgs(
@@ -723,7 +730,7 @@ def cmd_train(args) -> int:
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
         text_width=args.text_width, text_layers=args.text_layers, freeze_text_encoder=args.freeze_text_encoder,
-        prediction=args.prediction, beta_schedule=args.beta_schedule,
+        text_encoder_lr_scale=args.text_encoder_lr_scale, prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
         multiscale_snr=args.multiscale_snr,
     )

@@ -77,6 +77,7 @@ class TrainArgs:
     text_width: int = 128
     text_layers: int = 2
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
+    text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
     vocab_size: int = 256
     beta_schedule: str = "cosine"
     prediction: str = "v"
@@ -234,6 +235,18 @@ def _check_same_recipe(resume: Path, state: dict, args: TrainArgs) -> None:
         flag = "--freeze-text-encoder" if was else "--no-freeze-text-encoder"
         raise ckpt.CheckpointError(f"{resume} was trained with{'' if was else 'out'} a frozen text encoder; "
                                    f"resume with {flag}")
+    scale = float(state["args"].get("text_encoder_lr_scale", 1.0))
+    if scale != args.text_encoder_lr_scale:
+        raise ckpt.CheckpointError(f"{resume} was trained with --text-encoder-lr-scale {scale:g}; "
+                                   f"resume with --text-encoder-lr-scale {scale:g}")
+
+
+def _lr_scale(args: TrainArgs):
+    """The per-parameter learning-rate factor for AdamW, or None when every parameter gets lr."""
+    if args.text_encoder_lr_scale == 1.0:
+        return None
+    text = float(args.text_encoder_lr_scale)
+    return lambda name: text if name.startswith("text.") else 1.0
 
 
 def learning_rate(args: TrainArgs, step: int) -> float:
@@ -264,6 +277,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         _truncate_log(out / "train_log.jsonl", 0)
 
     schedule = model.config.schedule()
+    lr_scale = _lr_scale(args)
     last_good = resume
     bar = _progress(args.max_train_steps, step, progress)
     log = open(out / "train_log.jsonl", "a")
@@ -278,7 +292,8 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
                                     f"Lower --learning-rate or --max-grad-norm and resume from it.")
             grad_norm = optim.clip_grad_norm(grads, args.max_grad_norm)
             lr = learning_rate(args, step)
-            optim.adamw_step(model.params, grads, opt_state, lr=lr, weight_decay=args.weight_decay)
+            optim.adamw_step(model.params, grads, opt_state, lr=lr, weight_decay=args.weight_decay,
+                             lr_scale=lr_scale)
             model.set_params(model.params)
             if ema is not None:
                 optim.ema_update(ema, model.params, optim.ema_warmup_decay(step, args.ema_decay))

@@ -46,6 +46,21 @@ def test_adamw_first_step_moves_each_entry_by_lr():
     np.testing.assert_allclose(params["w"], -0.1 * np.sign(g["w"]), rtol=1e-6)
 
 
+def test_adamw_lr_scale_is_a_parameter_group_with_its_own_lr():
+    """lr_scale(name) = s gives that parameter exactly the closed form at s * lr, decay included."""
+    rng = np.random.default_rng(2)
+    params = {"text.w": rng.standard_normal((2, 3)), "unet.w": rng.standard_normal((3, 2))}
+    p0 = {k: v.copy() for k, v in params.items()}
+    gs = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(4)]
+    state = optim.adamw_init(params)
+    for g in gs:
+        optim.adamw_step(params, g, state, 1e-2, weight_decay=0.1,
+                         lr_scale=lambda name: 0.25 if name.startswith("text.") else 1.0)
+    for name, lr in (("text.w", 2.5e-3), ("unet.w", 1e-2)):
+        np.testing.assert_allclose(params[name], adamw_closed_form(p0[name], [g[name] for g in gs],
+                                                                   lr, 0.9, 0.999, 1e-8, 0.1), rtol=1e-12)
+
+
 def test_state_round_trip_and_frozen_parameters():
     rng = np.random.default_rng(1)
     params = {"a.weight": rng.standard_normal((2, 2)), "b": rng.standard_normal(3)}

@@ -119,6 +119,8 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--snr-gamma", "-1", "--snr-floor", "0"], "must not be negative"),
     (["train", "--prediction", "eps", "--snr-floor", "1"], "--snr-floor needs --prediction v or x0"),
     (["train", "--multiscale-snr", "--snr-gamma", "0"], "give --snr-gamma a positive value"),
+    (["train", "--text-encoder-lr-scale", "0"], "must be positive; to keep the encoder as it starts"),
+    (["train", "--text-encoder-lr-scale", "nan"], "--text-encoder-lr-scale nan must be positive"),
 ])
 def test_train_flag_errors(argv, needle, capsys, tmp_path):
     code = main(argv + ["--output-dir", str(tmp_path / "o")])
@@ -186,3 +188,29 @@ def test_resume_with_the_other_text_encoder_setting_is_a_clear_error(tmp_path, c
     train(replace(TINY, output_dir=str(out), max_train_steps=2, freeze_text_encoder=True), progress=False)
     err = _resume_tiny_run_and_fail(out, capsys)
     assert "resume with --freeze-text-encoder" in err, err
+
+
+def test_text_encoder_lr_scale_moves_only_the_text_encoder_less(tmp_path):
+    """Three steps from the same start with the encoder at 1 and 0.1 x lr. The zero-initialized last
+    layers of the residual and attention branches give the encoder no gradient before the third step,
+    so both runs reach it with the same weights and gradients: the U-Net takes the same steps, and
+    each text weight moves 0.1 times as far (the factor multiplies the whole AdamW step)."""
+    args = replace(TINY, max_train_steps=3, checkpointing_steps=3, use_ema=False)
+    start = train_mod.build_model(args, train_mod.make_source(args), np.random.default_rng(args.seed))
+    moved = {}
+    for scale in (1.0, 0.1):
+        out = tmp_path / f"s{scale}"
+        train(replace(args, output_dir=str(out), text_encoder_lr_scale=scale), progress=False)
+        after = ckpt.load_tensors(out / "checkpoint-3" / ckpt.MODEL_FILE)
+        moved[scale] = {k: after[k].astype(np.float64) - start.params[k] for k in after}
+    for k, full in moved[1.0].items():
+        expected = full * (0.1 if k.startswith("text.") else 1.0)
+        np.testing.assert_allclose(moved[0.1][k], expected, rtol=1e-3, atol=1e-7, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in moved[0.1].items() if k.startswith("text."))
+
+
+def test_resume_with_another_text_encoder_lr_scale_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(replace(TINY, output_dir=str(out), max_train_steps=2, text_encoder_lr_scale=0.1), progress=False)
+    err = _resume_tiny_run_and_fail(out, capsys)
+    assert "resume with --text-encoder-lr-scale 0.1" in err, err

@@ -31,14 +31,15 @@ def default_decay_filter(name: str, param: np.ndarray) -> bool:
 
 
 def adamw_step(params, grads, state, lr, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-               decay_filter=default_decay_filter):
+               decay_filter=default_decay_filter, lr_scale=None):
     """One AdamW update of `params` in place (as torch.optim.AdamW does):
 
         theta <- theta (1 - lr wd)                     (decoupled weight decay)
         m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
         theta <- theta - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)
 
-    Parameters without a gradient in `grads` are left alone (frozen)."""
+    Parameters without a gradient in `grads` are left alone (frozen). `lr_scale(name)`, when given,
+    multiplies lr for that parameter (a parameter group with its own learning rate)."""
     unknown = sorted(set(grads) - set(params))
     if unknown:
         raise ValueError(f"adamw_step: gradients for unknown parameters {unknown[:5]}")
@@ -48,15 +49,16 @@ def adamw_step(params, grads, state, lr, *, betas=(0.9, 0.999), eps=1e-8, weight
     rsqrt_bc2 = 1.0 / math.sqrt(1.0 - b2 ** k)
     for name, g in grads.items():
         p, m, v = params[name], state["m"][name], state["v"][name]
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
         if weight_decay and decay_filter(name, p):
-            p *= 1.0 - float(lr) * weight_decay
+            p *= 1.0 - scale * float(lr) * weight_decay
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
         v += (1.0 - b2) * (g * g)
         denom = np.sqrt(v) * rsqrt_bc2
         denom += eps
-        p -= step_size * (m / denom)
+        p -= scale * step_size * (m / denom)
 
 
 def flatten_state(state: dict) -> dict[str, np.ndarray]:
