@@ -629,6 +629,7 @@ def cmd_explain(args) -> int:
 
 def add_train(sub) -> None:
     from npdiff.train import TrainArgs
+    from npdiff.diffusion.schedule import BETA_SCHEDULES
     d = TrainArgs()
     p = sub.add_parser("train", help="train a model from scratch on the CPU",
                        description="Train a text-to-image model on procedural shapes or a folder of captioned images.")
@@ -637,22 +638,32 @@ def add_train(sub) -> None:
     p.add_argument("--output-dir", default=d.output_dir,
                    help=f"where checkpoints and the model go (default {d.output_dir})")
     p.add_argument("--resolution", type=int, default=d.resolution, help="image side, a multiple of 8 (default 32)")
-    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
-    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps)
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
+                   help="images per training step (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help="AdamW's peak learning rate, reached after the warmup and then cosine-decayed "
+                        "(default %(default)g)")
+    p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps,
+                   help="steps of linear warmup from 0 to --learning-rate (default %(default)s)")
+    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps,
+                   help="training steps in all, counted across resumed runs (default %(default)s)")
     p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=d.use_ema,
                    help="keep an exponential moving average of the weights and export it (default on)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help="largest EMA decay; step k uses min(this, (1 + k) / (10 + k)) (default %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="clip the global gradient norm to this; 0 turns clipping off (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the weights, the data and the noise (default %(default)s)")
+    p.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps,
+                   help="write a checkpoint every this many steps (default %(default)s)")
     p.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint-STEP folder, or 'latest'")
     p.add_argument("--validation-prompts", nargs="*", default=[], help="prompts drawn at every checkpoint")
-    p.add_argument("--base-channels", type=int, default=d.base_channels)
+    p.add_argument("--base-channels", type=int, default=d.base_channels,
+                   help="U-Net channels at full resolution (default %(default)s)")
     p.add_argument("--channel-mult", default=",".join(map(str, d.channel_mult)), help="e.g. 1,2,2")
-    p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
+    p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks,
+                   help="residual blocks per level (default %(default)s)")
     p.add_argument("--attention-levels", default=",".join(map(str, d.attention_levels)),
                    help="levels with self- and cross-attention, e.g. 1,2 (level i has side resolution/2^i)")
     p.add_argument("--num-groups", type=int, default=d.num_groups,
@@ -676,8 +687,12 @@ def add_train(sub) -> None:
                         "so the layout and background color, decided at the noisiest steps, are trained "
                         "there while fine detail keeps min-SNR; on the shapes recipe it left samples grainy and lost "
                         "shape accuracy, see the README (needs --snr-gamma; default %(default)s)")
-    p.add_argument("--text-width", type=int, default=d.text_width)
-    p.add_argument("--text-layers", type=int, default=d.text_layers)
+    p.add_argument("--text-width", type=int, default=d.text_width,
+                   help="text encoder width, the token features cross-attention reads; a multiple of "
+                        "its 4 heads (default %(default)s)")
+    p.add_argument("--text-layers", type=int, default=d.text_layers,
+                   help="text encoder transformer blocks; 0 leaves token and position embeddings only "
+                        "(default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly on the shapes "
@@ -686,8 +701,10 @@ def add_train(sub) -> None:
     p.add_argument("--text-encoder-lr-scale", type=float, default=d.text_encoder_lr_scale, metavar="S",
                    help="train the text encoder at S times --learning-rate, between frozen (see "
                         "--freeze-text-encoder) and the U-Net's own rate (default %(default)s)")
-    p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction)
-    p.add_argument("--beta-schedule", default=d.beta_schedule, help="linear, scaled_linear, cosine, sigmoid")
+    p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction,
+                   help="what the network predicts: the noise, the clean image or v (default %(default)s)")
+    p.add_argument("--beta-schedule", default=d.beta_schedule, choices=BETA_SCHEDULES,
+                   help="noise schedule (default %(default)s)")
     p.add_argument("--backend", default=None,
                    help="kernel backend: cpu (default), reference, cuda (forward on the GPU, gradients on the CPU)")
     p.set_defaults(func=cmd_train)
@@ -701,8 +718,14 @@ def cmd_train(args) -> int:
     for name in ("train_batch_size", "max_train_steps", "checkpointing_steps", "base_channels", "num_res_blocks"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.learning_rate <= 0:
-        raise UsageError("--learning-rate must be positive")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise UsageError(f"--learning-rate {args.learning_rate:g} must be positive")
+    if args.lr_warmup_steps < 0 or args.text_layers < 0:
+        raise UsageError("--lr-warmup-steps and --text-layers must not be negative")
+    if not args.max_grad_norm >= 0:
+        raise UsageError(f"--max-grad-norm {args.max_grad_norm:g} must not be negative; 0 turns clipping off")
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema-decay {args.ema_decay:g} must lie in [0, 1)")
     mult = _int_list(args.channel_mult, "--channel-mult", "1,2,2")
     attention = _int_list(args.attention_levels, "--attention-levels", "1,2") if args.attention_levels else ()
     if any(not 0 <= a < len(mult) for a in attention):
@@ -735,7 +758,11 @@ def cmd_train(args) -> int:
         multiscale_snr=args.multiscale_snr,
     )
     try:
+        from npdiff.nn.text_encoder import TextEncoderConfig
         from npdiff.nn.unet import UNetConfig
+        if targs.text_width < 1:
+            raise ValueError(f"--text-width {targs.text_width} must be at least 1")
+        TextEncoderConfig(width=targs.text_width, num_layers=targs.text_layers).validate()
         UNetConfig(base_channels=targs.base_channels, channel_mult=mult, num_res_blocks=targs.num_res_blocks,
                    attention_levels=attention, num_groups=targs.num_groups, context_dim=targs.text_width).validate()
     except ValueError as e:

@@ -121,6 +121,14 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--multiscale-snr", "--snr-gamma", "0"], "give --snr-gamma a positive value"),
     (["train", "--text-encoder-lr-scale", "0"], "must be positive; to keep the encoder as it starts"),
     (["train", "--text-encoder-lr-scale", "nan"], "--text-encoder-lr-scale nan must be positive"),
+    (["train", "--learning-rate", "nan"], "--learning-rate nan must be positive"),
+    (["train", "--lr-warmup-steps", "-5"], "must not be negative"),
+    (["train", "--text-layers", "-1"], "must not be negative"),
+    (["train", "--max-grad-norm", "-1"], "0 turns clipping off"),
+    (["train", "--ema-decay", "1"], "must lie in [0, 1)"),
+    (["train", "--text-width", "130"], "does not split into num_heads=4"),
+    (["train", "--text-width", "0"], "--text-width 0 must be at least 1"),
+    (["train", "--beta-schedule", "foo"], "invalid choice: 'foo'"),
 ])
 def test_train_flag_errors(argv, needle, capsys, tmp_path):
     code = main(argv + ["--output-dir", str(tmp_path / "o")])
