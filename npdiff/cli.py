@@ -701,6 +701,10 @@ def add_train(sub) -> None:
     p.add_argument("--text-encoder-lr-scale", type=float, default=d.text_encoder_lr_scale, metavar="S",
                    help="train the text encoder at S times --learning-rate, between frozen (see "
                         "--freeze-text-encoder) and the U-Net's own rate (default %(default)s)")
+    p.add_argument("--text-embed-std", type=float, default=d.text_embed_std, metavar="STD",
+                   help="initial standard deviation of the text encoder's token and position embeddings: "
+                        "0.02 (GPT-2) starts every token near the caption's mean, 1 (PyTorch's default) "
+                        "starts each token as itself plus a little context (default %(default)s)")
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction,
                    help="what the network predicts: the noise, the clean image or v (default %(default)s)")
     p.add_argument("--beta-schedule", default=d.beta_schedule, choices=BETA_SCHEDULES,
@@ -741,6 +745,8 @@ def cmd_train(args) -> int:
     if not (math.isfinite(args.text_encoder_lr_scale) and args.text_encoder_lr_scale > 0):
         raise UsageError(f"--text-encoder-lr-scale {args.text_encoder_lr_scale:g} must be positive; "
                          "to keep the encoder as it starts, use --freeze-text-encoder")
+    if not (math.isfinite(args.text_embed_std) and args.text_embed_std > 0):
+        raise UsageError(f"--text-embed-std {args.text_embed_std:g} must be a positive number, e.g. 0.02 or 1")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data!r} is neither 'shapes' nor a folder")
     targs = TrainArgs(
@@ -753,7 +759,8 @@ def cmd_train(args) -> int:
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
         text_width=args.text_width, text_layers=args.text_layers, freeze_text_encoder=args.freeze_text_encoder,
-        text_encoder_lr_scale=args.text_encoder_lr_scale, prediction=args.prediction, beta_schedule=args.beta_schedule,
+        text_encoder_lr_scale=args.text_encoder_lr_scale, text_embed_std=args.text_embed_std,
+        prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
         multiscale_snr=args.multiscale_snr,
     )

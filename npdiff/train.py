@@ -78,6 +78,7 @@ class TrainArgs:
     text_layers: int = 2
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
+    text_embed_std: float = 0.02          # initial scale of the token and position embeddings
     vocab_size: int = 256
     beta_schedule: str = "cosine"
     prediction: str = "v"
@@ -206,7 +207,7 @@ def model_config(args: TrainArgs) -> ModelConfig:
 
 def build_model(args: TrainArgs, source, rng) -> Model:
     tokenizer = train_tokenizer(source.captions_for_tokenizer(rng), vocab_size=args.vocab_size)
-    return Model.init(model_config(args), tokenizer, rng)
+    return Model.init(model_config(args), tokenizer, rng, text_embed_std=args.text_embed_std)
 
 
 def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool):

@@ -95,3 +95,27 @@ def test_input_errors_and_config_round_trip():
         TextEncoderConfig.from_dict({"dim": 3})
     with pytest.raises(ValueError, match="num_heads"):
         init_text_encoder(TextEncoderConfig(width=6, num_heads=4), rng)
+
+
+def test_embedding_scale_decides_whether_a_token_keeps_its_identity():
+    """With width 128 and the default 2 blocks, swap one token of a 12-token caption. At embedding std
+    0.02 the blocks' outputs swamp the embeddings: every token's feature moves by a similar amount. At
+    std 1 the swapped token moves far more than any other (each token stays itself)."""
+    config = TextEncoderConfig(vocab_size=40, max_length=16, width=128, num_layers=2)
+    ids = np.array([[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]] * 2)
+    ids[1, 6] = 30                                                  # one word swapped
+    mask = np.ones(ids.shape, bool)
+
+    def moves(std):
+        p = init_text_encoder(config, np.random.default_rng(0), np.float64, embed_std=std)
+        assert abs(p["token_embed.weight"].std() / std - 1) < 0.05
+        tokens, _, _ = text_encoder_forward(p, config, ids, mask)
+        d = np.linalg.norm(tokens[0] - tokens[1], axis=-1)
+        return d[6], np.delete(d, 6).max()
+
+    swapped, others = moves(0.02)
+    assert swapped < 3 * others
+    swapped, others = moves(1.0)
+    assert swapped > 10 * others
+    with pytest.raises(ValueError, match="embed_std"):
+        init_text_encoder(config, np.random.default_rng(0), embed_std=0.0)

@@ -121,6 +121,8 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--multiscale-snr", "--snr-gamma", "0"], "give --snr-gamma a positive value"),
     (["train", "--text-encoder-lr-scale", "0"], "must be positive; to keep the encoder as it starts"),
     (["train", "--text-encoder-lr-scale", "nan"], "--text-encoder-lr-scale nan must be positive"),
+    (["train", "--text-embed-std", "0"], "--text-embed-std 0 must be a positive number"),
+    (["train", "--text-embed-std", "inf"], "--text-embed-std inf must be a positive number"),
     (["train", "--learning-rate", "nan"], "--learning-rate nan must be positive"),
     (["train", "--lr-warmup-steps", "-5"], "must not be negative"),
     (["train", "--text-layers", "-1"], "must not be negative"),
