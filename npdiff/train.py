@@ -73,12 +73,12 @@ class TrainArgs:
     attention_levels: tuple[int, ...] = (1, 2)
     num_groups: int = 32
     coord_channels: bool = True           # conv_in also sees each pixel's x and y (UNetConfig)
-    query_coords: bool = False            # cross-attention queries also see their position (UNetConfig)
+    query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
-    text_embed_std: float = 0.02          # initial scale of the token and position embeddings
+    text_embed_std: float = 1.0           # initial scale of the token and position embeddings
     vocab_size: int = 256
     beta_schedule: str = "cosine"
     prediction: str = "v"
