@@ -695,16 +695,17 @@ def add_train(sub) -> None:
                         "(default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
-                        "keeps its text encoder frozen (Saharia et al. 2022); trained jointly on the shapes "
-                        "captions, the encoder learns to give 'left' and 'right' nearly the same features, "
-                        "see the README (default %(default)s)")
+                        "keeps its text encoder frozen (Saharia et al. 2022); trained jointly from embeddings at "
+                        "--text-embed-std 0.02, the encoder learns to give 'left' and 'right' nearly the same "
+                        "features, see the README (default %(default)s)")
     p.add_argument("--text-encoder-lr-scale", type=float, default=d.text_encoder_lr_scale, metavar="S",
                    help="train the text encoder at S times --learning-rate, between frozen (see "
                         "--freeze-text-encoder) and the U-Net's own rate (default %(default)s)")
     p.add_argument("--text-embed-std", type=float, default=d.text_embed_std, metavar="STD",
                    help="initial standard deviation of the text encoder's token and position embeddings: "
                         "0.02 (GPT-2) starts every token near the caption's mean, 1 (PyTorch's default) "
-                        "starts each token as itself plus a little context (default %(default)s)")
+                        "starts each token as itself plus a little context, and keeps 'left' and 'right' "
+                        "apart through training (default %(default)s)")
     p.add_argument("--prediction", choices=["eps", "x0", "v"], default=d.prediction,
                    help="what the network predicts: the noise, the clean image or v (default %(default)s)")
     p.add_argument("--beta-schedule", default=d.beta_schedule, choices=BETA_SCHEDULES,
