@@ -693,6 +693,10 @@ def add_train(sub) -> None:
     p.add_argument("--text-layers", type=int, default=d.text_layers,
                    help="text encoder transformer blocks; 0 leaves token and position embeddings only "
                         "(default %(default)s)")
+    p.add_argument("--text-rel-pos", type=int, default=d.text_rel_pos, metavar="K",
+                   help="give the text encoder's attention a learned bias per head and per word offset in "
+                        "[-K, K] (Shaw et al. 2018), so a word can learn to read the words of its own phrase: "
+                        "it binds each object's color and shape to its place; 0 turns it off (default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly from embeddings at "
@@ -725,6 +729,8 @@ def cmd_train(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise UsageError(f"--learning-rate {args.learning_rate:g} must be positive")
+    if args.text_rel_pos < 0:
+        raise UsageError(f"--text-rel-pos {args.text_rel_pos} must be 0 (off) or a positive offset, e.g. 8")
     if args.lr_warmup_steps < 0 or args.text_layers < 0:
         raise UsageError("--lr-warmup-steps and --text-layers must not be negative")
     if not args.max_grad_norm >= 0:
@@ -759,7 +765,8 @@ def cmd_train(args) -> int:
         validation_prompts=tuple(args.validation_prompts), base_channels=args.base_channels, channel_mult=mult,
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
-        text_width=args.text_width, text_layers=args.text_layers, freeze_text_encoder=args.freeze_text_encoder,
+        text_width=args.text_width, text_layers=args.text_layers, text_rel_pos=args.text_rel_pos,
+        freeze_text_encoder=args.freeze_text_encoder,
         text_encoder_lr_scale=args.text_encoder_lr_scale, text_embed_std=args.text_embed_std,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,
@@ -770,7 +777,8 @@ def cmd_train(args) -> int:
         from npdiff.nn.unet import UNetConfig
         if targs.text_width < 1:
             raise ValueError(f"--text-width {targs.text_width} must be at least 1")
-        TextEncoderConfig(width=targs.text_width, num_layers=targs.text_layers).validate()
+        TextEncoderConfig(width=targs.text_width, num_layers=targs.text_layers,
+                          rel_pos=targs.text_rel_pos).validate()
         UNetConfig(base_channels=targs.base_channels, channel_mult=mult, num_res_blocks=targs.num_res_blocks,
                    attention_levels=attention, num_groups=targs.num_groups, context_dim=targs.text_width).validate()
     except ValueError as e:

@@ -76,6 +76,7 @@ class TrainArgs:
     query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
+    text_rel_pos: int = 0                 # text attention's relative position bias reach K (0 = none)
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
     text_embed_std: float = 1.0           # initial scale of the token and position embeddings
@@ -201,7 +202,8 @@ def model_config(args: TrainArgs) -> ModelConfig:
                         num_res_blocks=args.num_res_blocks, attention_levels=tuple(args.attention_levels),
                         num_groups=args.num_groups, context_dim=args.text_width,
                         coord_channels=args.coord_channels, query_coords=args.query_coords),
-        text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers),
+        text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers,
+                                       rel_pos=args.text_rel_pos),
     )
 
 

@@ -239,6 +239,35 @@ def test_self_attention_gradients(N, Lq, E, Dh, masked, seed):
 
 
 @SETTINGS
+@given(N=st.integers(1, 2), Lq=st.integers(1, 5), E=st.integers(1, 2), Dh=st.integers(1, 3),
+       K=st.integers(1, 3), masked=st.booleans(), seed=seeds)
+def test_self_attention_with_relative_bias_gradients(N, Lq, E, Dh, K, masked, seed):
+    rng = seeded(seed)
+    D = E * Dh
+    x = rng.standard_normal((N, Lq, D))
+    wqkv, bqkv = rng.standard_normal((3 * D, D)) / np.sqrt(D), rng.standard_normal(3 * D)
+    wo, bo = rng.standard_normal((D, D)), rng.standard_normal(D)
+    table = rng.standard_normal((E, 2 * K + 1))
+    mask = random_mask(rng, N, Lq) if masked else None
+    fwd = lambda *a: A.self_attention_forward(*a[:5], num_heads=E, key_mask=mask, rel_bias=a[5])  # noqa: E731
+    assert_gradients(fwd, A.self_attention_backward, [x, wqkv, bqkv, wo, bo, table], rng,
+                     ["x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_bias"])
+
+
+def test_relative_bias_is_one_scalar_per_head_and_clipped_offset():
+    table = np.arange(2 * 5, dtype=float).reshape(2, 5)  # E = 2 heads, K = 2
+    bias = A.relative_bias(table, 4)  # (E, L, L), bias[e, i, j] = table[e, clip(j - i, -2, 2) + 2]
+    assert bias[0, 0, 0] == 2 and bias[0, 0, 1] == 3 and bias[0, 0, 3] == 4  # offset 3 clips to 2
+    assert bias[1, 3, 0] == 5 and bias[1, 2, 1] == 6 and bias[1, 1, 0] == 6
+    # a zero table leaves attention exactly as it is without one
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s) for s in [(2, 4, 4), (12, 4), (12,), (4, 4), (4,)]]
+    y0, _ = A.self_attention_forward(*args, num_heads=2)
+    y1, _ = A.self_attention_forward(*args, num_heads=2, rel_bias=np.zeros((2, 5)))
+    np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
 @given(N=st.integers(1, 2), Lq=st.integers(1, 4), M=st.integers(1, 4), E=st.integers(1, 3),
        Dh=st.integers(1, 3), Dc=st.integers(1, 4), seed=seeds)
 def test_cross_attention_gradients(N, Lq, M, E, Dh, Dc, seed):

@@ -12,6 +12,7 @@ from npdiff.nn.text_encoder import (TextEncoderConfig, init_text_encoder, text_e
                                     text_encoder_forward)
 
 TINY = TextEncoderConfig(vocab_size=11, max_length=6, width=4, num_layers=2, num_heads=2, mlp_ratio=2)
+TINY_REL = TextEncoderConfig(**{**TINY.to_dict(), "rel_pos": 2})  # offsets beyond +-2 share a column
 
 
 def batch(rng, N=3, L=5, V=11):
@@ -29,17 +30,18 @@ def perturbed(config, rng):
     return {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
-def test_text_encoder_directional_derivative():
+@pytest.mark.parametrize("config", [TINY, TINY_REL], ids=["absolute", "relative-bias"])
+def test_text_encoder_directional_derivative(config):
     rng = np.random.default_rng(0)
-    p = perturbed(TINY, rng)
+    p = perturbed(config, rng)
     ids, mask = batch(rng)
-    tokens, pooled, cache = text_encoder_forward(p, TINY, ids, mask)
+    tokens, pooled, cache = text_encoder_forward(p, config, ids, mask)
     Rt, Rp = rng.standard_normal(tokens.shape), rng.standard_normal(pooled.shape)
-    grads = text_encoder_backward(p, TINY, Rt, Rp, cache)
+    grads = text_encoder_backward(p, config, Rt, Rp, cache)
     assert set(grads) == set(p)
 
     def loss():
-        tok, pool, _ = text_encoder_forward(p, TINY, ids, mask)
+        tok, pool, _ = text_encoder_forward(p, config, ids, mask)
         return float(np.sum(tok * Rt) + np.sum(pool * Rp))
 
     names = sorted(p)

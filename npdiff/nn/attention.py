@@ -6,6 +6,11 @@ layout. Cross-attention takes queries from image features and keys and values fr
 (Rombach et al. 2022, section 3.3), with a key padding mask so that padding tokens are never
 attended to. Heads split the feature axis into E contiguous chunks of Dh = D / E.
 
+Self-attention may add a learned relative position bias to its scores (Shaw et al. 2018; Raffel
+et al. 2020, section 2.1): one scalar per head and per offset j - i between key and query, the
+offsets clipped to [-K, K], so that a head can learn "look at the words just after me" whatever
+the absolute positions are. The table is (E, 2K+1), column clip(j - i, -K, K) + K.
+
 Dimension legend:
   N batch, L query length, M key length, D model width, Dc context width, E heads, Dh head width.
 """
@@ -71,26 +76,88 @@ def attention_heads_backward(do, cache):
     return _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
 
 
-def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, key_mask=None):
+def relative_offsets(L: int, max_offset: int) -> np.ndarray:
+    """(L, L) int: the bias table's column for query i and key j, clip(j - i, -K, K) + K."""
+    i = np.arange(L)
+    return np.clip(i[None, :] - i[:, None], -max_offset, max_offset) + max_offset
+
+
+def relative_bias(table, L):
+    """table (E, 2K+1) -> the additive score bias (E, L, L)."""
+    return table[:, relative_offsets(L, (table.shape[1] - 1) // 2)]
+
+
+def relative_bias_backward(dbias, num_columns):
+    """dbias (E, L, L) -> dtable (E, 2K+1): each column sums the score gradients of its offsets."""
+    cols = relative_offsets(dbias.shape[1], (num_columns - 1) // 2).ravel()
+    return np.stack([np.bincount(cols, weights=d.ravel(), minlength=num_columns) for d in dbias]
+                    ).astype(dbias.dtype)
+
+
+def _biased_attention_forward(q, k, v, key_mask, scale, bias):
+    """attention_heads_forward's softmax(scale Q K^T + bias + mask) V, in NumPy (text lengths are
+    short, so this is cheap). q (N, E, L, Dh), k v (N, E, M, Dh), bias (E, L, M)."""
+    s = (q @ k.transpose(0, 1, 3, 2)) * scale + bias  # (N, E, L, M)
+    if key_mask is not None:
+        s = np.where(key_mask[:, None, None, :], s, -np.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p @ v, p
+
+
+def _biased_attention_backward(do, q, k, v, probs, scale):
+    """-> (dq, dk, dv, dbias (E, L, M)): as reference.attention_backward, plus the bias's
+    gradient, which is the score gradient summed over the batch."""
+    dv = probs.transpose(0, 1, 3, 2) @ do
+    dp = do @ v.transpose(0, 1, 3, 2)
+    ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))  # d/d(scores), masked keys 0
+    dbias = ds.sum(axis=0)
+    ds *= scale
+    return ds @ k, ds.transpose(0, 1, 3, 2) @ q, dv, dbias
+
+
+def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, key_mask=None,
+                           rel_bias=None):
     """y = proj(Attention(x Wq, x Wk, x Wv)). x (N, L, D), qkv_weight (3D, D), proj_weight (D, D),
-    key_mask (N, L) bool or None. Returns y (N, L, D)."""
+    key_mask (N, L) bool or None, rel_bias (E, 2K+1) a relative position bias table or None.
+    Returns y (N, L, D)."""
     N, L, D = x.shape
     key_mask = check_key_mask(key_mask, N, L)
     qkv, c_qkv = linear_forward(x, qkv_weight, qkv_bias)  # (N, L, 3D)
     q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
-    o, c_att = attention_heads_forward(q, k, v, num_heads, key_mask)  # (N, L, D)
+    if rel_bias is None:
+        o, c_att = attention_heads_forward(q, k, v, num_heads, key_mask)  # (N, L, D)
+    else:
+        if rel_bias.shape[0] != num_heads or rel_bias.ndim != 2 or rel_bias.shape[1] % 2 != 1:
+            raise ValueError(f"relative position bias: table of shape {rel_bias.shape}, expected "
+                             f"({num_heads}, 2K+1)")
+        scale = 1.0 / math.sqrt(D // num_heads)
+        qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))  # (N, E, L, Dh)
+        oh, probs = _biased_attention_forward(qh, kh, vh, key_mask, scale,
+                                              relative_bias(rel_bias, L).astype(q.dtype))
+        o, c_att = _merge_heads(oh), (qh, kh, vh, probs, scale, rel_bias.shape[1])
     y, c_proj = linear_forward(o, proj_weight, proj_bias)
     return y, (c_qkv, c_att, c_proj)
 
 
 def self_attention_backward(dy, cache):
-    """-> (dx, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias)."""
+    """-> (dx, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias), and drel_bias last when the
+    forward had a relative position bias."""
     c_qkv, c_att, c_proj = cache
     do, dproj_w, dproj_b = linear_backward(dy, c_proj)
-    dq, dk, dv = attention_heads_backward(do, c_att)
+    if len(c_att) == 5:
+        dq, dk, dv = attention_heads_backward(do, c_att)
+        extra = ()
+    else:
+        qh, kh, vh, probs, scale, columns = c_att
+        dqh, dkh, dvh, dbias = _biased_attention_backward(_split_heads(do, qh.shape[1]), qh, kh, vh,
+                                                          probs, scale)
+        dq, dk, dv = _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
+        extra = (relative_bias_backward(dbias, columns),)
     dqkv = np.concatenate([dq, dk, dv], axis=-1)  # (N, L, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, c_qkv)
-    return dx, dqkv_w, dqkv_b, dproj_w, dproj_b
+    return (dx, dqkv_w, dqkv_b, dproj_w, dproj_b) + extra
 
 
 def cross_attention_forward(x, context, q_weight, k_weight, v_weight, proj_weight, proj_bias,

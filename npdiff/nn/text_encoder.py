@@ -2,7 +2,7 @@
 
     h      = token_embed[ids] + pos_embed[0:L]                           (N, L, D)
     repeat num_layers times (pre-LN, Radford et al. 2019; Xiong et al. 2020):
-        h  = h + proj(SelfAttention(LN1(h), key padding mask))
+        h  = h + proj(SelfAttention(LN1(h), key padding mask [, relative position bias]))
         h  = h + fc2(GELU(fc1(LN2(h))))
     tokens = LN_final(h)                                                 (N, L, D)
     pooled = sum_l mask[l] tokens[l] / sum_l mask[l]                     (N, D)
@@ -14,8 +14,14 @@ tokenizer's convention, but nothing here treats any id specially. Token features
 positions are computed (they attend to the real tokens) but take part in nothing downstream: the
 pooled mean and the U-Net's cross-attention both mask them out.
 
+With rel_pos = K > 0, each block's attention also adds a learned bias per head and per key-query
+offset, clipped to [-K, K] (attention.py). Absolute positions say where a word is; the offset bias
+lets a head learn where to look from any word ("the place words a few tokens after me"), which is
+what can bind "red" to the "left" of its own phrase and not to the other object's "right".
+
 Parameter names: token_embed.weight (V, D), pos_embed.weight (Lmax, D),
-blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.{weight,bias}, ln_final.{weight,bias}.
+blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.{weight,bias}, ln_final.{weight,bias},
+and with rel_pos > 0 blocks.{i}.attn.rel_bias (E, 2K+1).
 
 Dimension legend: N batch, L tokens, D width, V vocabulary size, Lmax longest sequence.
 """
@@ -40,11 +46,14 @@ class TextEncoderConfig:
     num_heads: int = 4              # attention heads (head width = width / heads)
     mlp_ratio: int = 4              # hidden width of the MLP = width * mlp_ratio
     norm_eps: float = 1e-5          # layer-norm epsilon (PyTorch's default)
+    rel_pos: int = 0                # K: learned attention bias per offset in [-K, K]; 0 = none
 
     def validate(self) -> None:
         if self.width % self.num_heads:
             raise ValueError(f"TextEncoderConfig: width {self.width} does not split into "
                              f"num_heads={self.num_heads}")
+        if not (isinstance(self.rel_pos, int) and self.rel_pos >= 0):
+            raise ValueError(f"TextEncoderConfig: rel_pos must be a whole number >= 0, got {self.rel_pos!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,7 +70,8 @@ class TextEncoderConfig:
 def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype=np.float32,
                       embed_std: float = 0.02):
     """Fresh parameters: embeddings N(0, embed_std^2) (0.02 as in GPT-2; 1 is PyTorch's nn.Embedding
-    default), linear maps U(+-1/sqrt(fan_in)) (PyTorch's default), layer norms weight 1 and bias 0.
+    default), linear maps U(+-1/sqrt(fan_in)) (PyTorch's default), layer norms weight 1 and bias 0,
+    relative position biases 0 (attention then starts as it would without them).
 
     The embedding scale decides what a token's feature is at the start. Each block adds an output of
     norm about 4 at width 128 whatever the input's scale (its input is layer-normed), so embeddings of
@@ -89,6 +99,8 @@ def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype
         norm(f"{b}.ln1")
         linear(f"{b}.attn.qkv", 3 * D, D)
         linear(f"{b}.attn.proj", D, D)
+        if config.rel_pos:
+            p[f"{b}.attn.rel_bias"] = np.zeros((config.num_heads, 2 * config.rel_pos + 1))
         norm(f"{b}.ln2")
         linear(f"{b}.mlp.fc1", H, D)
         linear(f"{b}.mlp.fc2", D, H)
@@ -122,7 +134,8 @@ def text_encoder_forward(params, config, ids, mask):
         a, c_ln1 = F.layer_norm_forward(h, params[b + "ln1.weight"], params[b + "ln1.bias"], eps)
         a, c_att = self_attention_forward(a, params[b + "attn.qkv.weight"], params[b + "attn.qkv.bias"],
                                           params[b + "attn.proj.weight"], params[b + "attn.proj.bias"],
-                                          config.num_heads, key_mask=mask)
+                                          config.num_heads, key_mask=mask,
+                                          rel_bias=params[b + "attn.rel_bias"] if config.rel_pos else None)
         h = h + a
         m, c_ln2 = F.layer_norm_forward(h, params[b + "ln2.weight"], params[b + "ln2.bias"], eps)
         m, c_fc1 = F.linear_forward(m, params[b + "mlp.fc1.weight"], params[b + "mlp.fc1.bias"])  # (N, L, 4D)
@@ -158,7 +171,9 @@ def text_encoder_backward(params, config, dtokens, dpooled, cache):
         dh = dh + dm
         # h = h + proj(SelfAttention(LN1(h)))
         da, grads[b + "attn.qkv.weight"], grads[b + "attn.qkv.bias"], \
-            grads[b + "attn.proj.weight"], grads[b + "attn.proj.bias"] = self_attention_backward(dh, c_att)
+            grads[b + "attn.proj.weight"], grads[b + "attn.proj.bias"], *rel = self_attention_backward(dh, c_att)
+        if rel:
+            grads[b + "attn.rel_bias"] = rel[0]
         da, grads[b + "ln1.weight"], grads[b + "ln1.bias"] = F.layer_norm_backward(da, c_ln1)
         dh = dh + da
     # h = token_embed[ids] + pos_embed[:L]
