@@ -346,12 +346,16 @@ def test_unet_forward(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_text_encoder_forward(dtype):
+@pytest.mark.parametrize("rel_pos", [0, 2])
+def test_text_encoder_forward(dtype, rel_pos):
     from npdiff.nn.cuda_forward import text_encoder_forward_device, upload
     from npdiff.nn.text_encoder import TextEncoderConfig, init_text_encoder, text_encoder_forward
-    config = TextEncoderConfig(vocab_size=20, max_length=6, width=6, num_layers=2, num_heads=2)
+    config = TextEncoderConfig(vocab_size=20, max_length=6, width=6, num_layers=2, num_heads=2, rel_pos=rel_pos)
     rng = np.random.default_rng(11)
     p = {k: v.astype(dtype) for k, v in init_text_encoder(config, rng, np.float64).items()}
+    for k in p:
+        if k.endswith("rel_bias"):  # a trained-looking bias; init's zeros would test nothing
+            p[k] = rng.standard_normal(p[k].shape).astype(dtype)
     ids = rng.integers(0, 20, (2, 5))
     mask = np.array([[True, True, True, False, False], [True, True, True, True, True]])
     before = kernels.backend_name()

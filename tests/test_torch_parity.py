@@ -256,7 +256,13 @@ def torch_text_encoder(P, cfg, ids, mask):
         b = f"blocks.{i}."
         a = TF.layer_norm(h, (D,), P[b + "ln1.weight"], P[b + "ln1.bias"], eps)
         q, k, v = TF.linear(a, P[b + "attn.qkv.weight"], P[b + "attn.qkv.bias"]).chunk(3, dim=-1)
-        o = TF.scaled_dot_product_attention(_heads(q, E), _heads(k, E), _heads(v, E), attn_mask=kpm)
+        scores_mask = kpm
+        if cfg.rel_pos:  # T5-style: a float mask is added to the scores; -inf keeps padding out
+            pos = torch.arange(Lq)
+            col = (pos[None, :] - pos[:, None]).clamp(-cfg.rel_pos, cfg.rel_pos) + cfg.rel_pos  # (L, L)
+            bias = P[b + "attn.rel_bias"][:, col]  # (E, L, L)
+            scores_mask = bias[None].masked_fill(~kpm, float("-inf"))
+        o = TF.scaled_dot_product_attention(_heads(q, E), _heads(k, E), _heads(v, E), attn_mask=scores_mask)
         h = h + TF.linear(_merge(o), P[b + "attn.proj.weight"], P[b + "attn.proj.bias"])
         m = TF.layer_norm(h, (D,), P[b + "ln2.weight"], P[b + "ln2.bias"], eps)
         m = TF.gelu(TF.linear(m, P[b + "mlp.fc1.weight"], P[b + "mlp.fc1.bias"]), approximate="tanh")
@@ -266,8 +272,9 @@ def torch_text_encoder(P, cfg, ids, mask):
     return tokens, (tokens * tm).sum(1) / tm.sum(1)
 
 
-def test_text_encoder_matches_torch_twin():
-    cfg = TextEncoderConfig(vocab_size=30, max_length=8, width=16, num_layers=2, num_heads=4)
+@pytest.mark.parametrize("rel_pos", [0, 3])
+def test_text_encoder_matches_torch_twin(rel_pos):
+    cfg = TextEncoderConfig(vocab_size=30, max_length=8, width=16, num_layers=2, num_heads=4, rel_pos=rel_pos)
     rng = np.random.default_rng(6)
     p = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in init_text_encoder(cfg, rng).items()}
     ids = rng.integers(1, 30, size=(3, 7))

@@ -327,9 +327,10 @@ def layer_norm(x, gamma, beta, eps, stats=False):
 
 
 @cuda.jit
-def _attention_kernel(q, k, v, mask, probs, o, q_off, k_off, v_off, scale, has_mask, one):
-    """For each (n, e, l): s_m = scale q[n, l, head e] . k[n, m, head e] over the keys m that the
-    mask keeps, p = softmax(s) (masked keys get p = 0), o[n, l, head e] = sum_m p_m v[n, m, head e].
+def _attention_kernel(q, k, v, mask, bias, probs, o, q_off, k_off, v_off, scale, has_mask, has_bias, one):
+    """For each (n, e, l): s_m = scale q[n, l, head e] . k[n, m, head e] (+ bias[e, l, m]) over the
+    keys m that the mask keeps, p = softmax(s) (masked keys get p = 0), o[n, l, head e] = sum_m p_m
+    v[n, m, head e]. bias (E, L, M) is an additive score bias (a relative position bias).
     Head e of q is the columns q_off + e Dh ... q_off + (e+1) Dh - 1 (likewise k, v), so the three
     can be slices of one (N, L, 3D) projection. q (N, L, *), k v (N, M, *), mask (N, M) bool,
     probs (N, E, L, M) (the softmax, kept for the host API), o (N, L, E Dh)."""
@@ -350,6 +351,8 @@ def _attention_kernel(q, k, v, mask, probs, o, q_off, k_off, v_off, scale, has_m
             for d in range(Dh):
                 s += q[n, l, qc + d] * k[n, m, kc + d]
             s *= scale
+            if has_bias:
+                s += bias[e, l, m]
             probs[n, e, l, m] = s
             if not found or s > smax:
                 smax = s
@@ -371,9 +374,11 @@ def _attention_kernel(q, k, v, mask, probs, o, q_off, k_off, v_off, scale, has_m
             o[n, l, e * Dh + d] = acc
 
 
-def attention(q, k, v, num_heads, key_mask=None, offsets=(0, 0, 0), width=None, scale=None, probs=False):
+def attention(q, k, v, num_heads, key_mask=None, offsets=(0, 0, 0), width=None, scale=None, probs=False,
+              bias=None):
     """Multi-head attention on token layouts: q (N, L, *), k and v (N, M, *) device arrays (may be
-    the same array, read at different column offsets), key_mask (N, M) bool device array or None.
+    the same array, read at different column offsets), key_mask (N, M) bool device array or None,
+    bias (E, L, M) device array added to the scores, or None.
     width: D, the attended width (default: q's last axis); scale defaults to 1/sqrt(D / heads).
     -> o (N, L, D) (and probs (N, E, L, M))."""
     N, L = q.shape[0], q.shape[1]
@@ -386,8 +391,9 @@ def attention(q, k, v, num_heads, key_mask=None, offsets=(0, 0, 0), width=None, 
     o = empty((N, L, D), q.dtype)  # (N, L, D)
     p = empty((N, num_heads, L, M), q.dtype)  # (N, E, L, M)
     _launch(_attention_kernel, *_over_items(N * num_heads * L), q, k, v,
-            key_mask if key_mask is not None else _dummy(np.bool_, 2), p, o, *offsets,
-            *_typed(q.dtype, scale), key_mask is not None, *_typed(q.dtype, 1.0))
+            key_mask if key_mask is not None else _dummy(np.bool_, 2),
+            bias if bias is not None else _dummy(q.dtype, 3), p, o, *offsets,
+            *_typed(q.dtype, scale), key_mask is not None, bias is not None, *_typed(q.dtype, 1.0))
     return (o, p) if probs else o
 
 

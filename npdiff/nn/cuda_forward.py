@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from npdiff.kernels import cuda as K
+from npdiff.nn.attention import relative_bias
 from npdiff.nn.text_encoder import TextEncoderConfig
 from npdiff.nn.unet import UNetConfig, _res_plan, coord_maps, query_position_features
 
@@ -145,7 +146,11 @@ def text_encoder_forward_device(dp: dict, config: TextEncoderConfig, ids, mask):
         b = f"blocks.{i}."
         a = K.layer_norm(h, *_w(dp, b + "ln1"), eps)
         qkv = K.linear(a, *_w(dp, b + "attn.qkv"))  # (N, L, 3D)
-        o = K.attention(qkv, qkv, qkv, config.num_heads, key_mask=mask, offsets=(0, D, 2 * D), width=D)
+        bias = None
+        if config.rel_pos:  # the (E, L, L) score bias, gathered from its small table on the host
+            bias = K.to_device(relative_bias(K.to_host(dp[b + "attn.rel_bias"]), L))
+        o = K.attention(qkv, qkv, qkv, config.num_heads, key_mask=mask, offsets=(0, D, 2 * D), width=D,
+                        bias=bias)
         h = K.linear(o, *_w(dp, b + "attn.proj"), residual=h)  # h + proj(attention)
         m = K.linear(K.layer_norm(h, *_w(dp, b + "ln2"), eps), *_w(dp, b + "mlp.fc1"))  # (N, L, 4D)
         h = K.linear(K.gelu(m), *_w(dp, b + "mlp.fc2"), residual=h)  # h + MLP
