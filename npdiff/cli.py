@@ -697,6 +697,10 @@ def add_train(sub) -> None:
                    help="give the text encoder's attention a learned bias per head and per word offset in "
                         "[-K, K] (Shaw et al. 2018), so a word can learn to read the words of its own phrase: "
                         "it binds each object's color and shape to its place; 0 turns it off (default %(default)s)")
+    p.add_argument("--text-rel-slope", type=float, default=d.text_rel_slope, metavar="S",
+                   help="where --text-rel-pos's bias starts: heads 0 and 1 read forward and backward with a "
+                        "penalty of S per word of distance (one-sided ALiBi, Press et al. 2022), so each word "
+                        "starts mixed with its own phrase; 0 starts every head flat (default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly from embeddings at "
@@ -729,6 +733,8 @@ def cmd_train(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise UsageError(f"--learning-rate {args.learning_rate:g} must be positive")
+    if not (math.isfinite(args.text_rel_slope) and args.text_rel_slope >= 0):
+        raise UsageError(f"--text-rel-slope {args.text_rel_slope:g} must be a number >= 0, e.g. 0.5")
     if args.text_rel_pos < 0:
         raise UsageError(f"--text-rel-pos {args.text_rel_pos} must be 0 (off) or a positive offset, e.g. 8")
     if args.lr_warmup_steps < 0 or args.text_layers < 0:
@@ -766,7 +772,7 @@ def cmd_train(args) -> int:
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
         text_width=args.text_width, text_layers=args.text_layers, text_rel_pos=args.text_rel_pos,
-        freeze_text_encoder=args.freeze_text_encoder,
+        text_rel_slope=args.text_rel_slope, freeze_text_encoder=args.freeze_text_encoder,
         text_encoder_lr_scale=args.text_encoder_lr_scale, text_embed_std=args.text_embed_std,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,

@@ -98,11 +98,12 @@ class Model:
     # -- construction ---------------------------------------------------------
     @classmethod
     def init(cls, config: ModelConfig, tokenizer: Tokenizer, rng: np.random.Generator, dtype=np.float32,
-             text_embed_std: float = 0.02) -> "Model":
+             text_embed_std: float = 0.02, text_rel_slope: float = 0.0) -> "Model":
         config.text_encoder.vocab_size = tokenizer.vocab_size
         config.text_encoder.max_length = config.max_length
         params = join_params(init_unet(config.unet, rng, dtype),
-                             init_text_encoder(config.text_encoder, rng, dtype, embed_std=text_embed_std))
+                             init_text_encoder(config.text_encoder, rng, dtype, embed_std=text_embed_std,
+                                               rel_slope=text_rel_slope))
         return cls(config, tokenizer, params)
 
     def expected_shapes(self) -> dict[str, np.ndarray]:

@@ -77,6 +77,7 @@ class TrainArgs:
     text_width: int = 128
     text_layers: int = 2
     text_rel_pos: int = 0                 # text attention's relative position bias reach K (0 = none)
+    text_rel_slope: float = 0.5           # its start: heads 0 and 1 read forward / backward (0 = flat)
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
     text_embed_std: float = 1.0           # initial scale of the token and position embeddings
@@ -209,7 +210,8 @@ def model_config(args: TrainArgs) -> ModelConfig:
 
 def build_model(args: TrainArgs, source, rng) -> Model:
     tokenizer = train_tokenizer(source.captions_for_tokenizer(rng), vocab_size=args.vocab_size)
-    return Model.init(model_config(args), tokenizer, rng, text_embed_std=args.text_embed_std)
+    return Model.init(model_config(args), tokenizer, rng, text_embed_std=args.text_embed_std,
+                      text_rel_slope=args.text_rel_slope)
 
 
 def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool):

@@ -67,11 +67,30 @@ class TextEncoderConfig:
         return cls(**d)
 
 
+def local_attention_prior(num_heads: int, max_offset: int, slope: float) -> np.ndarray:
+    """A relative position bias table (E, 2K+1) that starts head 0 reading forward and head 1 backward.
+
+    Head 0 gets -slope k at offsets k >= 0 and -2 slope K behind; head 1 is its mirror image; the
+    other heads start at 0 (global). It is a linear distance penalty as in ALiBi (Press et al. 2022),
+    made one-sided so that a word's feature starts as a mix of itself and the next (or previous) few
+    words: at slope 0.5 "red" in "a red circle on the left and a blue square on the right" weighs its
+    own "left" (4 ahead) by e^-2 and the other object's "right" (11 ahead, clipped to 8) by e^-4.
+    slope 0 gives all zeros. The table stays learnable; this is only where it starts."""
+    table = np.zeros((num_heads, 2 * max_offset + 1))
+    if slope:
+        k = np.arange(-max_offset, max_offset + 1)
+        forward = np.where(k >= 0, -slope * k, -2.0 * slope * max_offset)
+        for e, row in zip(range(num_heads), (forward, forward[::-1])):
+            table[e] = row
+    return table
+
+
 def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype=np.float32,
-                      embed_std: float = 0.02):
+                      embed_std: float = 0.02, rel_slope: float = 0.0):
     """Fresh parameters: embeddings N(0, embed_std^2) (0.02 as in GPT-2; 1 is PyTorch's nn.Embedding
     default), linear maps U(+-1/sqrt(fan_in)) (PyTorch's default), layer norms weight 1 and bias 0,
-    relative position biases 0 (attention then starts as it would without them).
+    relative position biases local_attention_prior(E, K, rel_slope) in every block (at rel_slope 0,
+    all zeros: attention then starts as it would without them).
 
     The embedding scale decides what a token's feature is at the start. Each block adds an output of
     norm about 4 at width 128 whatever the input's scale (its input is layer-normed), so embeddings of
@@ -82,6 +101,8 @@ def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype
     config.validate()
     if not embed_std > 0:
         raise ValueError(f"text encoder: embed_std must be positive, got {embed_std}")
+    if not 0 <= rel_slope < np.inf:
+        raise ValueError(f"text encoder: rel_slope must be finite and >= 0, got {rel_slope}")
     D, H = config.width, config.width * config.mlp_ratio
     p = {"token_embed.weight": embed_std * rng.standard_normal((config.vocab_size, D)),
          "pos_embed.weight": embed_std * rng.standard_normal((config.max_length, D))}
@@ -100,7 +121,7 @@ def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype
         linear(f"{b}.attn.qkv", 3 * D, D)
         linear(f"{b}.attn.proj", D, D)
         if config.rel_pos:
-            p[f"{b}.attn.rel_bias"] = np.zeros((config.num_heads, 2 * config.rel_pos + 1))
+            p[f"{b}.attn.rel_bias"] = local_attention_prior(config.num_heads, config.rel_pos, rel_slope)
         norm(f"{b}.ln2")
         linear(f"{b}.mlp.fc1", H, D)
         linear(f"{b}.mlp.fc2", D, H)
