@@ -121,3 +121,21 @@ def test_embedding_scale_decides_whether_a_token_keeps_its_identity():
     assert swapped > 10 * others
     with pytest.raises(ValueError, match="embed_std"):
         init_text_encoder(config, np.random.default_rng(0), embed_std=0.0)
+
+
+def test_local_attention_prior_reads_forward_and_backward_from_distance_penalties():
+    from npdiff.nn.attention import relative_bias
+    from npdiff.nn.text_encoder import local_attention_prior
+    table = local_attention_prior(num_heads=4, max_offset=3, slope=0.5)  # columns: offsets -3 ... 3
+    np.testing.assert_array_equal(table[0], [-3, -3, -3, 0, -0.5, -1, -1.5])
+    np.testing.assert_array_equal(table[1], table[0][::-1])
+    assert not table[2:].any()                     # the other heads start global
+    assert not local_attention_prior(4, 3, 0.0).any()
+    # with content-free scores, head 0's attention from word i falls off with distance ahead and
+    # all but vanishes behind: word 1 of 6 weighs word 2 over word 4, and word 0 at e^-3 of itself
+    p = np.exp(relative_bias(table, 6))
+    p /= p.sum(axis=-1, keepdims=True)
+    assert p[0, 1, 1] > p[0, 1, 2] > p[0, 1, 4] > p[0, 1, 0] and p[0, 1, 0] / p[0, 1, 1] < 0.06
+    assert p[1, 4, 4] > p[1, 4, 3] > p[1, 4, 1] > p[1, 4, 5]
+    with pytest.raises(ValueError, match="rel_slope"):
+        init_text_encoder(TINY_REL, np.random.default_rng(0), rel_slope=-1.0)

@@ -123,6 +123,8 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--text-encoder-lr-scale", "nan"], "--text-encoder-lr-scale nan must be positive"),
     (["train", "--text-embed-std", "0"], "--text-embed-std 0 must be a positive number"),
     (["train", "--text-embed-std", "inf"], "--text-embed-std inf must be a positive number"),
+    (["train", "--text-rel-pos", "-1"], "--text-rel-pos -1 must be 0 (off) or a positive offset"),
+    (["train", "--text-rel-slope", "nan"], "--text-rel-slope nan must be a number >= 0"),
     (["train", "--learning-rate", "nan"], "--learning-rate nan must be positive"),
     (["train", "--lr-warmup-steps", "-5"], "must not be negative"),
     (["train", "--text-layers", "-1"], "must not be negative"),
