@@ -126,6 +126,7 @@ def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_
     key_mask = check_key_mask(key_mask, N, L)
     qkv, c_qkv = linear_forward(x, qkv_weight, qkv_bias)  # (N, L, 3D)
     q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    columns = None if rel_bias is None else rel_bias.shape[1]
     if rel_bias is None:
         o, c_att = attention_heads_forward(q, k, v, num_heads, key_mask)  # (N, L, D)
     else:
@@ -136,21 +137,21 @@ def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_
         qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))  # (N, E, L, Dh)
         oh, probs = _biased_attention_forward(qh, kh, vh, key_mask, scale,
                                               relative_bias(rel_bias, L).astype(q.dtype))
-        o, c_att = _merge_heads(oh), (qh, kh, vh, probs, scale, rel_bias.shape[1])
+        o, c_att = _merge_heads(oh), (qh, kh, vh, probs, scale)
     y, c_proj = linear_forward(o, proj_weight, proj_bias)
-    return y, (c_qkv, c_att, c_proj)
+    return y, (c_qkv, c_att, c_proj, columns)
 
 
 def self_attention_backward(dy, cache):
     """-> (dx, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias), and drel_bias last when the
     forward had a relative position bias."""
-    c_qkv, c_att, c_proj = cache
+    c_qkv, c_att, c_proj, columns = cache
     do, dproj_w, dproj_b = linear_backward(dy, c_proj)
-    if len(c_att) == 5:
+    if columns is None:
         dq, dk, dv = attention_heads_backward(do, c_att)
         extra = ()
     else:
-        qh, kh, vh, probs, scale, columns = c_att
+        qh, kh, vh, probs, scale = c_att
         dqh, dkh, dvh, dbias = _biased_attention_backward(_split_heads(do, qh.shape[1]), qh, kh, vh,
                                                           probs, scale)
         dq, dk, dv = _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
