@@ -139,3 +139,9 @@ def test_local_attention_prior_reads_forward_and_backward_from_distance_penaltie
     assert p[1, 4, 4] > p[1, 4, 3] > p[1, 4, 1] > p[1, 4, 5]
     with pytest.raises(ValueError, match="rel_slope"):
         init_text_encoder(TINY_REL, np.random.default_rng(0), rel_slope=-1.0)
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, np.inf, np.nan])
+def test_embedding_scale_must_be_positive_and_finite(std):
+    with pytest.raises(ValueError, match="embed_std must be positive and finite"):
+        init_text_encoder(TINY, np.random.default_rng(0), embed_std=std)

@@ -99,8 +99,8 @@ def init_text_encoder(config: TextEncoderConfig, rng: np.random.Generator, dtype
     keeps each token itself, and the blocks add context to it.
     """
     config.validate()
-    if not embed_std > 0:
-        raise ValueError(f"text encoder: embed_std must be positive, got {embed_std}")
+    if not 0 < embed_std < np.inf:
+        raise ValueError(f"text encoder: embed_std must be positive and finite, got {embed_std}")
     if not 0 <= rel_slope < np.inf:
         raise ValueError(f"text encoder: rel_slope must be finite and >= 0, got {rel_slope}")
     D, H = config.width, config.width * config.mlp_ratio
