@@ -54,7 +54,7 @@ class TrainArgs:
     train_batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 200
-    max_train_steps: int = 7500
+    max_train_steps: int = 7000
     use_ema: bool = True
     ema_decay: float = 0.999              # the ceiling; early steps use (1 + step) / (10 + step)
     max_grad_norm: float = 1.0
@@ -76,7 +76,7 @@ class TrainArgs:
     query_coords: bool = True             # cross-attention queries also see their position (UNetConfig)
     text_width: int = 128
     text_layers: int = 2
-    text_rel_pos: int = 0                 # text attention's relative position bias reach K (0 = none)
+    text_rel_pos: int = 8                 # text attention's relative position bias reach K (0 = none)
     text_rel_slope: float = 0.5           # its start: heads 0 and 1 read forward / backward (0 = flat)
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
