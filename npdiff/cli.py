@@ -854,18 +854,14 @@ def cmd_eval(args) -> int:
         from npdiff.evaluate import format_place_probe, place_probe
         results = place_probe(loaded.model, n_per_prompt=args.n, seed=args.seed)
         print(format_place_probe(results))
-        if args.json:
-            record = {"model": loaded.name, "model_hash": loaded.hash, "n_per_prompt": args.n, "seed": args.seed,
-                      "place_probe": results}
-            atomic_write_bytes(Path(args.json), (json.dumps(record, indent=2) + "\n").encode())
-            print(f"results written to {args.json}")
-        return 0
-    results = evaluate(Pipeline(loaded.model), n_per_prompt=args.n, guidance_scales=scales, steps=args.steps,
-                       seed=args.seed, progress=sys.stderr.isatty())
-    print(format_table(results))
+        record = {"n_per_prompt": args.n, "seed": args.seed, "place_probe": results}
+    else:
+        results = evaluate(Pipeline(loaded.model), n_per_prompt=args.n, guidance_scales=scales, steps=args.steps,
+                           seed=args.seed, progress=sys.stderr.isatty())
+        print(format_table(results))
+        record = {"n_per_prompt": args.n, "steps": args.steps, "seed": args.seed, "results": results}
     if args.json:
-        record = {"model": loaded.name, "model_hash": loaded.hash, "n_per_prompt": args.n, "steps": args.steps,
-                  "seed": args.seed, "results": results}
+        record = {"model": loaded.name, "model_hash": loaded.hash, **record}
         atomic_write_bytes(Path(args.json), (json.dumps(record, indent=2) + "\n").encode())
         print(f"results written to {args.json}")
     return 0

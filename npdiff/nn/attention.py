@@ -106,15 +106,12 @@ def _biased_attention_forward(q, k, v, key_mask, scale, bias):
     return p @ v, p
 
 
-def _biased_attention_backward(do, q, k, v, probs, scale):
-    """-> (dq, dk, dv, dbias (E, L, M)): as reference.attention_backward, plus the bias's
-    gradient, which is the score gradient summed over the batch."""
-    dv = probs.transpose(0, 1, 3, 2) @ do
+def _score_bias_backward(do, v, probs):
+    """The gradient of an additive score bias (E, L, M): the score gradient summed over the batch.
+    do (N, E, L, Dh), v (N, E, M, Dh), probs (N, E, L, M). Given the softmax, q k and v's gradients
+    do not depend on the bias, so attention_heads_backward gives them as it does without one."""
     dp = do @ v.transpose(0, 1, 3, 2)
-    ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))  # d/d(scores), masked keys 0
-    dbias = ds.sum(axis=0)
-    ds *= scale
-    return ds @ k, ds.transpose(0, 1, 3, 2) @ q, dv, dbias
+    return (probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))).sum(axis=0)  # masked keys 0
 
 
 def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, key_mask=None,
@@ -126,7 +123,7 @@ def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_
     key_mask = check_key_mask(key_mask, N, L)
     qkv, c_qkv = linear_forward(x, qkv_weight, qkv_bias)  # (N, L, 3D)
     q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
-    columns = None if rel_bias is None else rel_bias.shape[1]
+    columns = None
     if rel_bias is None:
         o, c_att = attention_heads_forward(q, k, v, num_heads, key_mask)  # (N, L, D)
     else:
@@ -137,7 +134,8 @@ def self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_
         qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))  # (N, E, L, Dh)
         oh, probs = _biased_attention_forward(qh, kh, vh, key_mask, scale,
                                               relative_bias(rel_bias, L).astype(q.dtype))
-        o, c_att = _merge_heads(oh), (qh, kh, vh, probs, scale)
+        o, c_att = _merge_heads(oh), (qh, kh, vh, probs, scale)  # attention_heads_forward's cache
+        columns = rel_bias.shape[1]
     y, c_proj = linear_forward(o, proj_weight, proj_bias)
     return y, (c_qkv, c_att, c_proj, columns)
 
@@ -147,14 +145,11 @@ def self_attention_backward(dy, cache):
     forward had a relative position bias."""
     c_qkv, c_att, c_proj, columns = cache
     do, dproj_w, dproj_b = linear_backward(dy, c_proj)
-    if columns is None:
-        dq, dk, dv = attention_heads_backward(do, c_att)
-        extra = ()
-    else:
-        qh, kh, vh, probs, scale = c_att
-        dqh, dkh, dvh, dbias = _biased_attention_backward(_split_heads(do, qh.shape[1]), qh, kh, vh,
-                                                          probs, scale)
-        dq, dk, dv = _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
+    dq, dk, dv = attention_heads_backward(do, c_att)
+    extra = ()
+    if columns is not None:
+        _, _, vh, probs, _ = c_att
+        dbias = _score_bias_backward(_split_heads(do, vh.shape[1]), vh, probs)
         extra = (relative_bias_backward(dbias, columns),)
     dqkv = np.concatenate([dq, dk, dv], axis=-1)  # (N, L, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, c_qkv)
