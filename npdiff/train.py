@@ -233,17 +233,40 @@ def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool)
     return opt_state, ema
 
 
+# TrainArgs fields a resumed run may change: where it writes, how far it goes and what it reports.
+# Every other field is the recipe, which a resumed run must keep to continue the stopped run exactly.
+RUN_CONTROL = ("output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps",
+               "validation_prompts", "log_every")
+_UNCHECKED = RUN_CONTROL + ("vocab_size",)               # the vocabulary comes with the checkpoint's tokenizer
+_FLAG_NAMES = {"min_snr_gamma": "snr-gamma"}              # fields whose flag is not the field's own name
+
+
+def recipe_flag(name: str, value) -> str:
+    """The `train` flag that sets TrainArgs field `name` to `value`: "--snr-floor 0.15", "--no-use-ema"."""
+    flag = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {','.join(map(str, value))}"
+    if value is None:                                       # an unset loss weight is the flag's 0
+        return f"{flag} 0"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
 def _check_same_recipe(resume: Path, state: dict, args: TrainArgs) -> None:
-    """A resumed run must train what the stopped run trained, or it would not continue it exactly."""
-    was = bool(state["args"].get("freeze_text_encoder", False))
-    if was != args.freeze_text_encoder:
-        flag = "--freeze-text-encoder" if was else "--no-freeze-text-encoder"
-        raise ckpt.CheckpointError(f"{resume} was trained with{'' if was else 'out'} a frozen text encoder; "
-                                   f"resume with {flag}")
-    scale = float(state["args"].get("text_encoder_lr_scale", 1.0))
-    if scale != args.text_encoder_lr_scale:
-        raise ckpt.CheckpointError(f"{resume} was trained with --text-encoder-lr-scale {scale:g}; "
-                                   f"resume with --text-encoder-lr-scale {scale:g}")
+    """A resumed run must train what the stopped run trained, or it would not continue it exactly:
+    every recipe flag that differs from the checkpoint's is named, with the value to pass."""
+    saved, now = state["args"], asdict(args)
+    differ = [name for name in now if name in saved and name not in _UNCHECKED
+              and _normal(saved[name]) != _normal(now[name])]
+    if differ:
+        flags = " ".join(recipe_flag(name, saved[name]) for name in differ)
+        raise ckpt.CheckpointError(f"{resume} was trained with other settings; resume with {flags} "
+                                   f"or start a new run in another --output-dir")
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _lr_scale(args: TrainArgs):

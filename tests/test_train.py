@@ -140,11 +140,11 @@ def test_train_flag_errors(argv, needle, capsys, tmp_path):
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
-def _resume_tiny_run_and_fail(out, capsys) -> str:
+def _resume_tiny_run_and_fail(out, capsys, *extra) -> str:
     """Resume the TINY run in `out` through the CLI; it must fail with one line of error (exit 2)."""
     argv = ["train", "--output-dir", str(out), "--resume-from-checkpoint", "latest", "--max-train-steps", "4",
-            "--resolution", "16", "--train-batch-size", "3", "--base-channels", "8", "--channel-mult", "1,2",
-            "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1"]
+            "--resolution", "16", "--train-batch-size", "3", "--lr-warmup-steps", "1", "--base-channels", "8",
+            "--channel-mult", "1,2", "--attention-levels", "1", "--num-groups", "4", "--text-width", "16", "--text-layers", "1", *extra]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -193,6 +193,16 @@ def test_a_frozen_text_encoder_keeps_its_weights_while_the_unet_learns(tmp_path)
     after = ckpt.load_tensors(out / "checkpoint-2" / ckpt.MODEL_FILE)
     changed = {k for k in after if not np.array_equal(after[k], start.params[k])}
     assert changed and all(k.startswith("unet.") for k in changed)
+
+
+def test_resume_with_another_recipe_names_the_flags_to_pass(tmp_path, capsys):
+    """Architecture and loss flags that differ from the checkpoint's are not silently dropped: the error
+    names each with the stopped run's value, and flags that only steer the run may change."""
+    out = tmp_path / "run"
+    train(replace(TINY, output_dir=str(out), max_train_steps=2, snr_floor=0.25), progress=False)
+    err = _resume_tiny_run_and_fail(out, capsys, "--base-channels", "16", "--checkpointing-steps", "1")
+    assert "resume with --snr-floor 0.25 --base-channels 8 or start a new run" in err, err
+    assert "checkpointing" not in err, err
 
 
 def test_resume_with_the_other_text_encoder_setting_is_a_clear_error(tmp_path, capsys):
