@@ -168,7 +168,7 @@ def state_files(model: Model, opt_state: dict, ema: dict | None, step: int, rng,
     files[ckpt.STATE_FILE] = ckpt.json_bytes({
         "step": step,
         "rng": rng.bit_generator.state,
-        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
+        "args": _json_args(args),
         "last_loss": last_loss,
         "optimizer_meta": optim.state_meta(opt_state),
     })
@@ -233,11 +233,11 @@ def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool)
     return opt_state, ema
 
 
-# TrainArgs fields a resumed run may change: where it writes, how far it goes and what it reports.
-# Every other field is the recipe, which a resumed run must keep to continue the stopped run exactly.
+# TrainArgs fields a resumed run may change: where it writes, how far it goes and what it reports (and the
+# vocabulary size, which comes with the checkpoint's tokenizer). Every other field is the recipe, which a
+# resumed run must keep to continue the stopped run exactly.
 RUN_CONTROL = ("output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps",
-               "validation_prompts", "log_every")
-_UNCHECKED = RUN_CONTROL + ("vocab_size",)               # the vocabulary comes with the checkpoint's tokenizer
+               "validation_prompts", "log_every", "vocab_size")
 _FLAG_NAMES = {"min_snr_gamma": "snr-gamma"}              # fields whose flag is not the field's own name
 
 
@@ -256,17 +256,17 @@ def recipe_flag(name: str, value) -> str:
 def _check_same_recipe(resume: Path, state: dict, args: TrainArgs) -> None:
     """A resumed run must train what the stopped run trained, or it would not continue it exactly:
     every recipe flag that differs from the checkpoint's is named, with the value to pass."""
-    saved, now = state["args"], asdict(args)
-    differ = [name for name in now if name in saved and name not in _UNCHECKED
-              and _normal(saved[name]) != _normal(now[name])]
+    saved, now = state["args"], _json_args(args)
+    differ = [name for name in now if name in saved and name not in RUN_CONTROL and saved[name] != now[name]]
     if differ:
         flags = " ".join(recipe_flag(name, saved[name]) for name in differ)
         raise ckpt.CheckpointError(f"{resume} was trained with other settings; resume with {flags} "
                                    f"or start a new run in another --output-dir")
 
 
-def _normal(value):
-    return list(value) if isinstance(value, tuple) else value
+def _json_args(args: TrainArgs) -> dict:
+    """The arguments as a checkpoint's state.json holds them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
 
 
 def _lr_scale(args: TrainArgs):
