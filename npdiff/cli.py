@@ -701,6 +701,11 @@ def add_train(sub) -> None:
                    help="where --text-rel-pos's bias starts: heads 0 and 1 read forward and backward with a "
                         "penalty of S per word of distance (one-sided ALiBi, Press et al. 2022), so each word "
                         "starts mixed with its own phrase; 0 starts every head flat (default %(default)s)")
+    p.add_argument("--phrase-tokens", type=int, default=d.phrase_tokens, metavar="C",
+                   help="append to the text tokens one feature per phrase, the mean of its words, cutting the "
+                        "caption at each 'and' (up to C phrases; more fold into the last): the U-Net then reads "
+                        "an object's color, shape and place in one token (after StructureDiffusion, Feng et al. "
+                        "2023); 0 turns it off (default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly from embeddings at "
@@ -737,6 +742,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"--text-rel-slope {args.text_rel_slope:g} must be a number >= 0, e.g. 0.5")
     if args.text_rel_pos < 0:
         raise UsageError(f"--text-rel-pos {args.text_rel_pos} must be 0 (off) or a positive offset, e.g. 8")
+    if args.phrase_tokens < 0:
+        raise UsageError(f"--phrase-tokens {args.phrase_tokens} must be 0 (off) or a number of phrases, e.g. 2")
     if args.lr_warmup_steps < 0 or args.text_layers < 0:
         raise UsageError("--lr-warmup-steps and --text-layers must not be negative")
     if not args.max_grad_norm >= 0:
@@ -772,7 +779,7 @@ def cmd_train(args) -> int:
         num_res_blocks=args.num_res_blocks, attention_levels=attention, num_groups=args.num_groups,
         coord_channels=args.coord_channels, query_coords=args.query_coords,
         text_width=args.text_width, text_layers=args.text_layers, text_rel_pos=args.text_rel_pos,
-        text_rel_slope=args.text_rel_slope, freeze_text_encoder=args.freeze_text_encoder,
+        text_rel_slope=args.text_rel_slope, phrase_tokens=args.phrase_tokens, freeze_text_encoder=args.freeze_text_encoder,
         text_encoder_lr_scale=args.text_encoder_lr_scale, text_embed_std=args.text_embed_std,
         prediction=args.prediction, beta_schedule=args.beta_schedule,
         min_snr_gamma=args.snr_gamma or None, snr_floor=args.snr_floor or None,

@@ -20,6 +20,7 @@ import numpy as np
 
 from npdiff.kernels import cuda as K
 from npdiff.nn.cuda_forward import text_encoder_forward_device, unet_forward_device, upload
+from npdiff.nn.text_encoder import add_phrase_tokens
 from npdiff.samplers.device import sample_device
 
 
@@ -33,7 +34,8 @@ class DeviceModel:
         self.text_params = upload(model.text_params)
 
     def encode_text(self, prompts: list[str]):
-        """prompts -> (context (N, L, D), mask (N, L), pooled (N, D)) on the device."""
+        """prompts -> (context (N, L + C, D), mask (N, L + C), pooled (N, D)) on the device, C phrase
+        tokens (none unless the config asks for them; their small mean is taken on the host)."""
         ids, mask = self.model.tokenizer.encode_batch(prompts, self.model.config.max_length)
         ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
         V = self.model.config.text_encoder.vocab_size
@@ -42,10 +44,12 @@ class DeviceModel:
                              "is the tokenizer's vocabulary larger than the model's vocab_size?")
         if not mask.any(axis=1).all():
             raise ValueError("text mask: every prompt needs at least one real token (the tokenizer adds BOS)")
-        mask_d = K.to_device(mask)
-        tokens, pooled = text_encoder_forward_device(self.text_params, self.model.config.text_encoder,
-                                                     K.to_device(ids), mask_d)
-        return tokens, mask_d, pooled
+        config = self.model.config.text_encoder
+        tokens, pooled = text_encoder_forward_device(self.text_params, config, K.to_device(ids), K.to_device(mask))
+        if config.phrase_tokens:
+            context, mask, _ = add_phrase_tokens(config, K.to_host(tokens), ids, mask)
+            tokens = K.to_device(context)
+        return tokens, K.to_device(mask), pooled
 
     def unet(self, x, t, context, mask, pooled):
         """U-Net forward on device arrays; t is one timestep for the whole batch or a host array (N,)."""

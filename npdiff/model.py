@@ -1,6 +1,6 @@
 """The text-to-image model: tokenizer + text encoder + U-Net + diffusion schedule.
 
-    prompt --tokenizer--> ids (N, L) --text encoder--> context (N, L, D), pooled (N, D)
+    prompt --tokenizer--> ids (N, L) --text encoder--> context (N, L [+ C phrases], D), pooled (N, D)
     (x_t, t, context, pooled) --U-Net--> prediction (eps, x0 or v)
 
 This file holds the pieces together and moves them to and from a model folder
@@ -20,12 +20,13 @@ import numpy as np
 from npdiff import checkpoint as ckpt
 from npdiff.diffusion.forward import Prediction
 from npdiff.diffusion.schedule import Schedule
-from npdiff.nn.text_encoder import (TextEncoderConfig, init_text_encoder, text_encoder_backward,
-                                    text_encoder_forward)
+from npdiff.nn.text_encoder import (TextEncoderConfig, add_phrase_tokens, add_phrase_tokens_backward,
+                                    init_text_encoder, text_encoder_backward, text_encoder_forward)
 from npdiff.nn.unet import UNetConfig, init_unet, unet_backward, unet_forward
 from npdiff.text.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "npdiff-model"
+PHRASE_SEPARATORS = ("and",)   # words that end a phrase, for TextEncoderConfig.phrase_tokens
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
 
 
@@ -101,6 +102,9 @@ class Model:
              text_embed_std: float = 0.02, text_rel_slope: float = 0.0) -> "Model":
         config.text_encoder.vocab_size = tokenizer.vocab_size
         config.text_encoder.max_length = config.max_length
+        if config.text_encoder.phrase_tokens:
+            config.text_encoder.phrase_separators = tuple(
+                i for i in map(tokenizer.word_id, PHRASE_SEPARATORS) if i is not None)
         params = join_params(init_unet(config.unet, rng, dtype),
                              init_text_encoder(config.text_encoder, rng, dtype, embed_std=text_embed_std,
                                                rel_slope=text_rel_slope))
@@ -155,13 +159,17 @@ class Model:
 
     # -- the two networks -----------------------------------------------------
     def encode_text(self, prompts: list[str]):
-        """prompts -> context (N, L, D), mask (N, L), pooled (N, D), cache."""
+        """prompts -> context (N, L + C, D), mask (N, L + C), pooled (N, D), cache; C is the number of
+        phrase tokens (text_encoder.py), 0 unless the config asks for them."""
         ids, mask = self.tokenizer.encode_batch(prompts, self.config.max_length)
-        context, pooled, cache = text_encoder_forward(self.text_params, self.config.text_encoder, ids, mask)
-        return context, mask, pooled, cache
+        tokens, pooled, cache = text_encoder_forward(self.text_params, self.config.text_encoder, ids, mask)
+        context, mask, P = add_phrase_tokens(self.config.text_encoder, tokens, ids, mask)
+        return context, mask, pooled, (cache, P)
 
     def encode_text_backward(self, dcontext, dpooled, cache) -> dict[str, np.ndarray]:
-        return text_encoder_backward(self.text_params, self.config.text_encoder, dcontext, dpooled, cache)
+        cache, P = cache
+        dtokens = add_phrase_tokens_backward(dcontext, P)
+        return text_encoder_backward(self.text_params, self.config.text_encoder, dtokens, dpooled, cache)
 
     def unet(self, x, t, context, mask, pooled):
         """x (N, C, H, W), t (N,) original 0-based timesteps -> prediction, cache."""

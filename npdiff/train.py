@@ -32,7 +32,7 @@ import numpy as np
 from npdiff import checkpoint as ckpt
 from npdiff.diffusion.forward import q_sample
 from npdiff.diffusion.losses import training_loss
-from npdiff.model import Model, ModelConfig
+from npdiff.model import PHRASE_SEPARATORS, Model, ModelConfig
 from npdiff.nn import optim
 from npdiff.nn.text_encoder import TextEncoderConfig
 from npdiff.nn.unet import UNetConfig
@@ -78,6 +78,7 @@ class TrainArgs:
     text_layers: int = 2
     text_rel_pos: int = 8                 # text attention's relative position bias reach K (0 = none)
     text_rel_slope: float = 0.5           # its start: heads 0 and 1 read forward / backward (0 = flat)
+    phrase_tokens: int = 0                # context also holds one mean feature per "and" phrase, up to this many
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
     text_embed_std: float = 1.0           # initial scale of the token and position embeddings
@@ -204,14 +205,20 @@ def model_config(args: TrainArgs) -> ModelConfig:
                         num_groups=args.num_groups, context_dim=args.text_width,
                         coord_channels=args.coord_channels, query_coords=args.query_coords),
         text_encoder=TextEncoderConfig(width=args.text_width, num_layers=args.text_layers,
-                                       rel_pos=args.text_rel_pos),
+                                       rel_pos=args.text_rel_pos, phrase_tokens=args.phrase_tokens),
     )
 
 
 def build_model(args: TrainArgs, source, rng) -> Model:
     tokenizer = train_tokenizer(source.captions_for_tokenizer(rng), vocab_size=args.vocab_size)
-    return Model.init(model_config(args), tokenizer, rng, text_embed_std=args.text_embed_std,
-                      text_rel_slope=args.text_rel_slope)
+    model = Model.init(model_config(args), tokenizer, rng, text_embed_std=args.text_embed_std,
+                       text_rel_slope=args.text_rel_slope)
+    if args.phrase_tokens and not model.config.text_encoder.phrase_separators:
+        from npdiff.data.imagefolder import DataError
+        raise DataError(f"--phrase-tokens {args.phrase_tokens} cuts captions at {' or '.join(map(repr, PHRASE_SEPARATORS))}, "
+                        "which the tokenizer trained on these captions does not hold as one word; "
+                        "train with --phrase-tokens 0")
+    return model
 
 
 def _load_training_state(resume: Path, model: Model, state: dict, use_ema: bool):

@@ -418,7 +418,7 @@ def _tiny_float64_model():
     config = ModelConfig(resolution=4, max_length=6,
                          unet=UNetConfig(base_channels=4, channel_mult=(1, 2), attention_levels=(1,), num_groups=2,
                                          context_dim=4, num_heads=2),
-                         text_encoder=TextEncoderConfig(width=4, num_layers=1, num_heads=2))
+                         text_encoder=TextEncoderConfig(width=4, num_layers=1, num_heads=2, phrase_tokens=2))
     rng = np.random.default_rng(14)
     model = Model.init(config, tokenizer, rng, dtype=np.float64)
     model.set_params(_perturbed(model.params, rng, np.float64))
@@ -434,10 +434,10 @@ def test_pipeline_generate_on_the_device_matches_the_host():
     before = kernels.backend_name()
     try:
         kernels.set_backend("reference")
-        want = pipe.generate(["a red circle", "a blue square"], **kw)
+        want = pipe.generate(["a red circle", "a blue square and a red"], **kw)
         kernels.set_backend("cuda")
         frames = []
-        got = pipe.generate(["a red circle", "a blue square"], callback=lambda i, xt, x0: frames.append(x0), **kw)
+        got = pipe.generate(["a red circle", "a blue square and a red"], callback=lambda i, xt, x0: frames.append(x0), **kw)
     finally:
         kernels.set_backend(before)
     assert got.dtype == np.float64 and len(frames) == 2 and frames[-1].shape == got.shape

@@ -1,6 +1,7 @@
 """The text encoder: a directional-derivative check of the whole backward pass in float64
 (relative error <= 1e-6, over all parameters at once and each one alone), the masked-mean pooling,
-padding invariance, the empty caption, config round trips and input errors."""
+padding invariance, the empty caption, config round trips and input errors; the phrase tokens
+against means taken word by word, and their gradient."""
 
 import json
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 from npdiff.nn.gradcheck import directional_check
-from npdiff.nn.text_encoder import (TextEncoderConfig, init_text_encoder, text_encoder_backward,
-                                    text_encoder_forward)
+from npdiff.nn.text_encoder import (TextEncoderConfig, add_phrase_tokens, add_phrase_tokens_backward,
+                                    init_text_encoder, text_encoder_backward, text_encoder_forward)
 
 TINY = TextEncoderConfig(vocab_size=11, max_length=6, width=4, num_layers=2, num_heads=2, mlp_ratio=2)
 TINY_REL = TextEncoderConfig(**{**TINY.to_dict(), "rel_pos": 2})  # offsets beyond +-2 share a column
@@ -145,3 +146,62 @@ def test_local_attention_prior_reads_forward_and_backward_from_distance_penaltie
 def test_embedding_scale_must_be_positive_and_finite(std):
     with pytest.raises(ValueError, match="embed_std must be positive and finite"):
         init_text_encoder(TINY, np.random.default_rng(0), embed_std=std)
+
+
+AND = 9   # the separator id of the phrase tests
+TINY_PHRASES = TextEncoderConfig(**{**TINY_REL.to_dict(), "max_length": 10, "phrase_tokens": 2,
+                                    "phrase_separators": (AND,)})
+PHRASE_IDS = np.array([[1, 4, 5, AND, 6, 7, 3, 0, 0, 0],          # two phrases
+                       [1, 4, AND, 5, AND, 6, 7, 3, 0, 0],        # three: the third folds into the second
+                       [1, 3, 0, 0, 0, 0, 0, 0, 0, 0],            # the empty caption: one phrase
+                       [1, 4, 5, AND, 0, 0, 0, 0, 0, 0]])         # a trailing "and": the second is empty
+PHRASES = [([0, 1, 2], [4, 5, 6]), ([0, 1], [3, 5, 6, 7]), ([0, 1], []), ([0, 1, 2], [])]
+
+
+def test_phrase_tokens_are_the_means_of_their_words():
+    rng = np.random.default_rng(5)
+    p = perturbed(TINY_PHRASES, rng)
+    mask = PHRASE_IDS != 0
+    tokens, _, _ = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
+    context, context_mask, _ = add_phrase_tokens(TINY_PHRASES, tokens, PHRASE_IDS, mask)
+    assert context.shape == (4, 12, 4) and context_mask.shape == (4, 12)
+    np.testing.assert_array_equal(context[:, :10], tokens)
+    np.testing.assert_array_equal(context_mask[:, :10], mask)
+    for n, phrases in enumerate(PHRASES):
+        for c, positions in enumerate(phrases):
+            assert context_mask[n, 10 + c] == bool(positions)
+            if positions:
+                np.testing.assert_allclose(context[n, 10 + c], tokens[n, positions].mean(axis=0), rtol=1e-12)
+    # without phrase tokens the context is the tokens themselves
+    plain = TextEncoderConfig(**{**TINY_PHRASES.to_dict(), "phrase_tokens": 0})
+    same, same_mask, P = add_phrase_tokens(plain, tokens, PHRASE_IDS, mask)
+    assert same is tokens and P is None and np.array_equal(same_mask, mask)
+
+
+def test_phrase_tokens_directional_derivative():
+    rng = np.random.default_rng(6)
+    p = perturbed(TINY_PHRASES, rng)
+    mask = PHRASE_IDS != 0
+    tokens, pooled, cache = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
+    context, context_mask, P = add_phrase_tokens(TINY_PHRASES, tokens, PHRASE_IDS, mask)
+    Rc = rng.standard_normal(context.shape) * context_mask[..., None]   # the U-Net reads real keys only
+    Rp = rng.standard_normal(pooled.shape)
+    grads = text_encoder_backward(p, TINY_PHRASES, add_phrase_tokens_backward(Rc, P), Rp, cache)
+
+    def loss():
+        tok, pool, _ = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
+        ctx, _, _ = add_phrase_tokens(TINY_PHRASES, tok, PHRASE_IDS, mask)
+        return float(np.sum(ctx * Rc) + np.sum(pool * Rp))
+
+    names = sorted(p)
+    err = directional_check(loss, [p[k] for k in names], [grads[k] for k in names], rng, along_gradient=True)
+    assert err <= 1e-6, err
+
+
+def test_phrase_config_is_checked_and_round_trips():
+    back = TextEncoderConfig.from_dict(json.loads(json.dumps(TINY_PHRASES.to_dict())))
+    assert back == TINY_PHRASES and back.phrase_separators == (AND,)
+    with pytest.raises(ValueError, match=r"phrase_separators \[11\] are not token ids in \[0, 11\)"):
+        TextEncoderConfig(**{**TINY_PHRASES.to_dict(), "phrase_separators": (11,)}).validate()
+    with pytest.raises(ValueError, match="phrase_tokens must be a whole number >= 0"):
+        TextEncoderConfig(phrase_tokens=-1).validate()

@@ -37,6 +37,13 @@ def test_every_caption_word_is_one_token(tok):
     assert tok.vocab_size <= 256
 
 
+def test_word_id_names_single_pieces_only(tok):
+    assert tok.word_id("and") == tok.encode("and")[1] and tok.word_id("AND") == tok.word_id("and")
+    assert tok.word_id("circles") is None       # two pieces, "circle" "##s"
+    assert tok.word_id("\N{SNOWMAN}") is None   # [UNK]
+    assert tok.word_id("") is None
+
+
 def test_normalization_and_unseen_words(tok):
     assert tok.encode("A RED Circle") == tok.encode("a red circle")
     assert tok.encode("Café") == tok.encode("cafe")

@@ -72,6 +72,42 @@ def test_train_defaults_build_the_shipped_network():
     assert built == shipped
 
 
+def test_phrase_tokens_cut_captions_at_and_and_carry_gradients():
+    """--phrase-tokens 2: the tokenizer's "and" is the separator, the context gains two phrase tokens
+    (the word means of each object's phrase), and Model's text backward is the gradient through them."""
+    from npdiff.nn.gradcheck import directional_check
+    args = replace(TINY, phrase_tokens=2, vocab_size=256)   # 128 pieces spell "and" letter by letter
+    source = train_mod.make_source(args)
+    model = train_mod.build_model(args, source, np.random.default_rng(0))
+    config = model.config.text_encoder
+    assert config.phrase_tokens == 2 and config.phrase_separators == (model.tokenizer.word_id("and"),)
+    model = Model(model.config, model.tokenizer, {k: v.astype(np.float64) for k, v in model.params.items()})
+    prompts = ["a red circle on the left and a blue square on the right", "a green triangle", ""]
+    context, mask, pooled, cache = model.encode_text(prompts)
+    L = model.config.max_length
+    assert context.shape == (3, L + 2, config.width)
+    assert mask[:, L:].tolist() == [[True, True], [True, False], [True, False]]
+    words = model.tokenizer.tokens(prompts[0])                  # [BOS] a red circle ... and ... [EOS]
+    cut = words.index("and")
+    np.testing.assert_allclose(context[0, L], context[0, :cut].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(context[0, L + 1], context[0, cut + 1:len(words)].mean(axis=0), rtol=1e-12)
+
+    rng = np.random.default_rng(1)
+    Rc, Rp = rng.standard_normal(context.shape) * mask[..., None], rng.standard_normal(pooled.shape)
+    grads = model.encode_text_backward(Rc, Rp, cache)
+
+    def loss():
+        ctx, _, pool, _ = model.encode_text(prompts)
+        return float(np.sum(ctx * Rc) + np.sum(pool * Rp))
+
+    names = sorted(grads)
+    assert directional_check(loss, [model.text_params[k] for k in names], [grads[k] for k in names], rng,
+                             along_gradient=True) <= 1e-6
+    from npdiff.data.imagefolder import DataError
+    with pytest.raises(DataError, match="does not hold as one word; train with --phrase-tokens 0"):
+        train_mod.build_model(replace(TINY, phrase_tokens=2), source, np.random.default_rng(0))
+
+
 def test_multiscale_snr_reaches_the_training_step():
     """The same batch, timesteps and noise: multiscale weighting only adds weight to coarse bands."""
     source = train_mod.make_source(TINY)
@@ -124,6 +160,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--text-embed-std", "0"], "--text-embed-std 0 must be a positive number"),
     (["train", "--text-embed-std", "inf"], "--text-embed-std inf must be a positive number"),
     (["train", "--text-rel-pos", "-1"], "--text-rel-pos -1 must be 0 (off) or a positive offset"),
+    (["train", "--phrase-tokens", "-1"], "--phrase-tokens -1 must be 0 (off) or a number of phrases"),
     (["train", "--text-rel-slope", "nan"], "--text-rel-slope nan must be a number >= 0"),
     (["train", "--learning-rate", "nan"], "--learning-rate nan must be positive"),
     (["train", "--lr-warmup-steps", "-5"], "must not be negative"),

@@ -114,6 +114,11 @@ class Tokenizer:
         """One text -> ids with [BOS] (and [EOS]), not truncated, not padded."""
         return self._hf.encode(text).ids
 
+    def word_id(self, word: str) -> int | None:
+        """The id of a word that is a single piece of the vocabulary, else None."""
+        ids = self._hf.encode(word, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 and ids[0] != self.unk_id else None
+
     def encode_batch(self, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (ids int64 (N, L), mask bool (N, L)), L = max_length.
 
