@@ -79,7 +79,8 @@ class TextEncoderConfig:
                              f"[0, {self.vocab_size})")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The JSON form (lists for tuples), as config.json stores it."""
+        return {**dataclasses.asdict(self), "phrase_separators": list(self.phrase_separators)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextEncoderConfig":
