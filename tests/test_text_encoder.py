@@ -156,14 +156,20 @@ PHRASE_IDS = np.array([[1, 4, 5, AND, 6, 7, 3, 0, 0, 0],          # two phrases
                        [1, 3, 0, 0, 0, 0, 0, 0, 0, 0],            # the empty caption: one phrase
                        [1, 4, 5, AND, 0, 0, 0, 0, 0, 0]])         # a trailing "and": the second is empty
 PHRASES = [([0, 1, 2], [4, 5, 6]), ([0, 1], [3, 5, 6, 7]), ([0, 1], []), ([0, 1, 2], [])]
+PHRASE_MASK = PHRASE_IDS != 0
+
+
+def encode_phrases(p):
+    """PHRASE_IDS through the encoder and the phrase tokens -> (tokens, pooled, cache, context,
+    context mask, P)."""
+    tokens, pooled, cache = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, PHRASE_MASK)
+    return (tokens, pooled, cache) + add_phrase_tokens(TINY_PHRASES, tokens, PHRASE_IDS, PHRASE_MASK)
 
 
 def test_phrase_tokens_are_the_means_of_their_words():
     rng = np.random.default_rng(5)
-    p = perturbed(TINY_PHRASES, rng)
-    mask = PHRASE_IDS != 0
-    tokens, _, _ = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
-    context, context_mask, _ = add_phrase_tokens(TINY_PHRASES, tokens, PHRASE_IDS, mask)
+    tokens, _, _, context, context_mask, _ = encode_phrases(perturbed(TINY_PHRASES, rng))
+    mask = PHRASE_MASK
     assert context.shape == (4, 12, 4) and context_mask.shape == (4, 12)
     np.testing.assert_array_equal(context[:, :10], tokens)
     np.testing.assert_array_equal(context_mask[:, :10], mask)
@@ -181,16 +187,13 @@ def test_phrase_tokens_are_the_means_of_their_words():
 def test_phrase_tokens_directional_derivative():
     rng = np.random.default_rng(6)
     p = perturbed(TINY_PHRASES, rng)
-    mask = PHRASE_IDS != 0
-    tokens, pooled, cache = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
-    context, context_mask, P = add_phrase_tokens(TINY_PHRASES, tokens, PHRASE_IDS, mask)
+    tokens, pooled, cache, context, context_mask, P = encode_phrases(p)
     Rc = rng.standard_normal(context.shape) * context_mask[..., None]   # the U-Net reads real keys only
     Rp = rng.standard_normal(pooled.shape)
     grads = text_encoder_backward(p, TINY_PHRASES, add_phrase_tokens_backward(Rc, P), Rp, cache)
 
     def loss():
-        tok, pool, _ = text_encoder_forward(p, TINY_PHRASES, PHRASE_IDS, mask)
-        ctx, _, _ = add_phrase_tokens(TINY_PHRASES, tok, PHRASE_IDS, mask)
+        _, pool, _, ctx, _, _ = encode_phrases(p)
         return float(np.sum(ctx * Rc) + np.sum(pool * Rp))
 
     names = sorted(p)

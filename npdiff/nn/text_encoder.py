@@ -28,7 +28,7 @@ on the left that looks for "left" reads "red circle" with it: the binding a plai
 leaves the network to learn. Feng et al. 2023 (StructureDiffusion) feed noun phrases to
 cross-attention one at a time for the same reason.
 
-    phrase[n, c] = sum_l P[n, c, l] tokens[n, l],  P[n, c, l] = [clause(l) = c] / #{l: clause(l) = c}
+    phrase[n, c] = sum_l P[n, c, l] tokens[n, l],  P[n, c, l] = [phrase(l) = c] / #{l: phrase(l) = c}
 
 Parameter names: token_embed.weight (V, D), pos_embed.weight (Lmax, D),
 blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.{weight,bias}, ln_final.{weight,bias},
@@ -80,7 +80,7 @@ class TextEncoderConfig:
 
     def to_dict(self) -> dict:
         """The JSON form (lists for tuples), as config.json stores it."""
-        return {**dataclasses.asdict(self), "phrase_separators": list(self.phrase_separators)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextEncoderConfig":
@@ -211,13 +211,13 @@ def phrase_weights(config, ids, mask) -> tuple[np.ndarray, np.ndarray]:
 def add_phrase_tokens(config, tokens, ids, mask):
     """tokens (N, L, D) -> (context (N, L + C, D), context mask (N, L + C), P (N, C, L)): the token
     features followed by the phrase features. With phrase_tokens 0, the tokens and mask as they are."""
+    mask = np.asarray(mask, dtype=bool)
     if not config.phrase_tokens:
-        return tokens, np.asarray(mask, dtype=bool), None
+        return tokens, mask, None
     P, phrase_mask = phrase_weights(config, ids, mask)
     P = P.astype(tokens.dtype)
     phrases = np.einsum("ncl,nld->ncd", P, tokens)                          # (N, C, D)
-    return (np.concatenate([tokens, phrases], axis=1),
-            np.concatenate([np.asarray(mask, dtype=bool), phrase_mask], axis=1), P)
+    return np.concatenate([tokens, phrases], axis=1), np.concatenate([mask, phrase_mask], axis=1), P
 
 
 def add_phrase_tokens_backward(dcontext, P):
