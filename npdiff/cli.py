@@ -706,6 +706,11 @@ def add_train(sub) -> None:
                         "caption at each 'and' (up to C phrases; more fold into the last): the U-Net then reads "
                         "an object's color, shape and place in one token (after StructureDiffusion, Feng et al. "
                         "2023); 0 turns it off (default %(default)s)")
+    p.add_argument("--grounding-loss", type=float, default=d.grounding_loss, metavar="W",
+                   help="add W times a loss that makes each object's pixels attend to their own object's words "
+                        "in every cross-attention layer (after TokenCompose, Wang et al. 2024), from the masks "
+                        "the shapes dataset draws: it teaches which color and shape stand where in a "
+                        "two-object caption; shapes data only; 0 turns it off (default %(default)s)")
     p.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=d.freeze_text_encoder,
                    help="keep the text encoder at its random initialization and train only the U-Net, as Imagen "
                         "keeps its text encoder frozen (Saharia et al. 2022); trained jointly from embeddings at "
@@ -744,6 +749,11 @@ def cmd_train(args) -> int:
         raise UsageError(f"--text-rel-pos {args.text_rel_pos} must be 0 (off) or a positive offset, e.g. 8")
     if args.phrase_tokens < 0:
         raise UsageError(f"--phrase-tokens {args.phrase_tokens} must be 0 (off) or a number of phrases, e.g. 2")
+    if not (math.isfinite(args.grounding_loss) and args.grounding_loss >= 0):
+        raise UsageError(f"--grounding-loss {args.grounding_loss:g} must be a number >= 0, e.g. 0.01 (0 is off)")
+    if args.grounding_loss and args.data != "shapes":
+        raise UsageError("--grounding-loss needs the objects' masks, which only --data shapes draws; "
+                         "pass --grounding-loss 0 for a folder of images")
     if args.lr_warmup_steps < 0 or args.text_layers < 0:
         raise UsageError("--lr-warmup-steps and --text-layers must not be negative")
     if not args.max_grad_norm >= 0:
@@ -780,6 +790,7 @@ def cmd_train(args) -> int:
         coord_channels=args.coord_channels, query_coords=args.query_coords,
         text_width=args.text_width, text_layers=args.text_layers, text_rel_pos=args.text_rel_pos,
         text_rel_slope=args.text_rel_slope, phrase_tokens=args.phrase_tokens,
+        grounding_loss=args.grounding_loss,
         freeze_text_encoder=args.freeze_text_encoder,
         text_encoder_lr_scale=args.text_encoder_lr_scale, text_embed_std=args.text_embed_std,
         prediction=args.prediction, beta_schedule=args.beta_schedule,

@@ -175,8 +175,8 @@ class Model:
         """x (N, C, H, W), t (N,) original 0-based timesteps -> prediction, cache."""
         return unet_forward(self.unet_params, self.config.unet, x, t, context, mask, pooled)
 
-    def unet_backward(self, dout, cache):
-        return unet_backward(self.unet_params, self.config.unet, dout, cache)
+    def unet_backward(self, dout, cache, dprobs=None):
+        return unet_backward(self.unet_params, self.config.unet, dout, cache, dprobs)
 
     def set_params(self, params: dict[str, np.ndarray]) -> None:
         self.params = params

@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import checkpoint as ckpt
+from npdiff import grounding
 from npdiff.diffusion.forward import q_sample
 from npdiff.diffusion.losses import training_loss
 from npdiff.model import PHRASE_SEPARATORS, Model, ModelConfig
 from npdiff.nn import optim
 from npdiff.nn.text_encoder import TextEncoderConfig
-from npdiff.nn.unet import UNetConfig
+from npdiff.nn.unet import UNetConfig, cross_attention_maps
 from npdiff.text.tokenizer import load_tokenizer, train_tokenizer
 
 CAPTION_DROPOUT = 0.1  # probability that a caption is replaced by "" (classifier-free guidance)
@@ -79,6 +80,7 @@ class TrainArgs:
     text_rel_pos: int = 8                 # text attention's relative position bias reach K (0 = none)
     text_rel_slope: float = 0.5           # its start: heads 0 and 1 read forward / backward (0 = flat)
     phrase_tokens: int = 0                # context also holds one mean feature per "and" phrase, up to this many
+    grounding_loss: float = 0.0           # weight of the cross-attention grounding loss (grounding.py; shapes only)
     freeze_text_encoder: bool = False     # keep the text encoder at its random initialization
     text_encoder_lr_scale: float = 1.0    # the text encoder learns at this times the learning rate
     text_embed_std: float = 1.0           # initial scale of the token and position embeddings
@@ -102,7 +104,12 @@ class ShapesSource:
     def captions_for_tokenizer(self, rng: np.random.Generator) -> list[str]:
         return self.shapes.caption_corpus(20000)
 
-    def batch(self, rng: np.random.Generator, n: int):
+    def batch(self, rng: np.random.Generator, n: int, masks: bool = False):
+        """-> (images, captions), and with masks each object's coverage (N, 2, H, W) last."""
+        if masks:
+            images, captions, _, coverage = self.shapes.sample_batch(rng, n, resolution=self.resolution,
+                                                                     return_masks=True)
+            return images, captions, coverage
         images, captions, _ = self.shapes.sample_batch(rng, n, resolution=self.resolution)
         return images, captions
 
@@ -126,6 +133,9 @@ class FolderSource:
 def make_source(args: TrainArgs):
     if args.data == "shapes":
         return ShapesSource(args.resolution)
+    if args.grounding_loss:
+        raise TrainingError("--grounding-loss needs the objects' masks, which only --data shapes draws; "
+                            "pass --grounding-loss 0 for a folder of images")
     return FolderSource(args.data, args.resolution)
 
 
@@ -133,8 +143,11 @@ def make_source(args: TrainArgs):
 # one step
 
 def train_step(model: Model, args: TrainArgs, schedule, images: np.ndarray, captions: list[str],
-               rng: np.random.Generator):
-    """Forward, loss and backward for one batch -> (loss, grads with the model's names)."""
+               rng: np.random.Generator, masks: np.ndarray | None = None, stats: dict | None = None):
+    """Forward, loss and backward for one batch -> (loss, grads with the model's names).
+
+    With args.grounding_loss and the objects' masks (N, 2, H, W), the loss also holds that weight
+    times the grounding loss (grounding.py), which `stats`, when given, receives as "grounding"."""
     from npdiff.imaging import from_uint8
     n = images.shape[0]
     drop = rng.random(n) < CAPTION_DROPOUT
@@ -149,7 +162,16 @@ def train_step(model: Model, args: TrainArgs, schedule, images: np.ndarray, capt
     loss, dout = training_loss(schedule, out, x0, noise, t, model.config.prediction_type,
                                min_snr_gamma=args.min_snr_gamma, snr_floor=args.snr_floor,
                                multiscale=args.multiscale_snr)
-    ugrads, dcontext, dpooled = model.unet_backward(dout.astype(np.float32), ucache)
+    dprobs = None
+    if args.grounding_loss and masks is not None:
+        groups = grounding.token_groups(model.tokenizer, captions, model.config.max_length,
+                                        model.config.text_encoder.phrase_tokens)
+        ground, dprobs = grounding.grounding_loss(cross_attention_maps(ucache), groups, grounding.regions(masks))
+        loss = loss + args.grounding_loss * ground
+        dprobs = {k: args.grounding_loss * d for k, d in dprobs.items()}
+        if stats is not None:
+            stats["grounding"] = ground
+    ugrads, dcontext, dpooled = model.unet_backward(dout.astype(np.float32), ucache, dprobs)
     grads = {f"unet.{k}": g for k, g in ugrads.items()}
     if not args.freeze_text_encoder:   # frozen: no text gradients, so AdamW leaves those weights alone
         tgrads = model.encode_text_backward(dcontext, dpooled, tcache)
@@ -316,11 +338,15 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     last_good = resume
     bar = _progress(args.max_train_steps, step, progress)
     log = open(out / "train_log.jsonl", "a")
-    window, tic = [], time.perf_counter()
+    window, ground, tic = [], [], time.perf_counter()
     try:
         while step < args.max_train_steps:
-            images, captions = source.batch(rng, args.train_batch_size)
-            loss, grads = train_step(model, args, schedule, images, captions, rng)
+            stats = {}
+            if args.grounding_loss:
+                images, captions, masks = source.batch(rng, args.train_batch_size, masks=True)
+            else:
+                (images, captions), masks = source.batch(rng, args.train_batch_size), None
+            loss, grads = train_step(model, args, schedule, images, captions, rng, masks, stats)
             if not math.isfinite(loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"loss became {loss} at step {step + 1}; {where}. "
@@ -334,16 +360,20 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
                 optim.ema_update(ema, model.params, optim.ema_warmup_decay(step, args.ema_decay))
             step += 1
             window.append(loss)
+            if "grounding" in stats:
+                ground.append(stats["grounding"])
             if step % args.log_every == 0 or step == args.max_train_steps:
                 toc = time.perf_counter()
                 rate = len(window) * args.train_batch_size / (toc - tic)
                 entry = {"step": step, "loss": float(np.mean(window)), "lr": lr, "grad_norm": grad_norm,
                          "images_per_s": rate}
+                if ground:
+                    entry["grounding"] = float(np.mean(ground))
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{entry['loss']:.4f}", img_s=f"{rate:.0f}")
-                window, tic = [], time.perf_counter()
+                window, ground, tic = [], [], time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps:

@@ -224,3 +224,35 @@ def test_impossible_specs_are_refused(spec, message):
 def test_held_out_pair_refused_when_not_allowed():
     with pytest.raises(ValueError, match="held-out"):
         complete(parse_caption("a purple triangle"), np.random.default_rng(0), allow_held_out=False)
+
+
+def test_masks_are_each_objects_coverage_and_leave_the_images_unchanged():
+    images, captions, scenes, masks = sample_batch(np.random.default_rng(3), 60, return_masks=True)
+    assert np.array_equal(images, sample_batch(np.random.default_rng(3), 60)[0])
+    assert masks.shape == (60, 2, 32, 32) and masks.dtype == np.float32
+    for img, scene, m in zip(images, scenes, masks):
+        for k, o in enumerate(scene.objects):
+            alone = m[1 - k] == 0                              # pixels the other object does not touch
+            alpha = np.clip(alpha_map(img, o.color, scene.background), 0, 1)
+            np.testing.assert_allclose(m[k][alone], alpha[alone], atol=0.02)
+        assert len(scene.objects) == 2 or not m[1].any()
+        assert m.sum(axis=0).max() <= 1.0 + 1e-6              # objects never overlap
+
+
+def test_phrase_spans_cut_a_caption_into_its_objects_and_background():
+    _, captions = sample_scenes(np.random.default_rng(4), 300)
+    for caption in captions + [""]:
+        spec = parse_caption(caption)
+        spans = shapes.phrase_spans(caption)
+        for k in range(2):
+            if k < len(spec.objects):
+                a, b = spans[k]
+                assert parse_caption(caption[a:b]).objects == (spec.objects[k],), caption
+                assert "background" not in caption[a:b] and " and " not in caption[a:b]
+            else:
+                assert spans[k] is None
+        if spec.background is None:
+            assert spans[2] is None
+        else:
+            a, b = spans[2]
+            assert b == len(caption) and parse_caption("a shape" + caption[a:b]).background == spec.background

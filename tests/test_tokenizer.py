@@ -146,3 +146,19 @@ def test_bad_files_give_clear_errors(tmp_path, tok):
 def test_vocab_size_too_small_is_refused():
     with pytest.raises(ValueError, match="at least 128"):
         train_tokenizer(["a red circle"], vocab_size=64)
+
+
+def test_char_spans_point_at_each_piece(tok):
+    texts = caption_corpus(50, seed=5) + ["", "a purplish circle"]
+    ids, mask = tok.encode_batch(texts, 24)
+    spans = tok.char_spans(texts, 24)
+    assert spans.shape == (len(texts), 24, 2)
+    for text, row, m, sp in zip(texts, ids, mask, spans):
+        pieces = [tok._hf.id_to_token(int(i)) for i in row]
+        for piece, real, (a, b) in zip(pieces, m, sp):
+            if not real or piece in ("[BOS]", "[EOS]"):
+                assert (a, b) == (-1, -1)
+            else:
+                assert text[a:b] == piece.removeprefix("##")
+    long = tok.char_spans(["a red circle " * 10], 8)                  # truncated as encode_batch truncates
+    assert long[0, 7].tolist() == [-1, -1] and long[0, 6].tolist() != [-1, -1]

@@ -108,6 +108,28 @@ def test_phrase_tokens_cut_captions_at_and_and_carry_gradients():
         train_mod.build_model(replace(TINY, phrase_tokens=2), source, np.random.default_rng(0))
 
 
+def test_grounding_loss_reaches_the_training_step():
+    """--grounding-loss: the shapes source gives masks, train_step adds the weighted loss on attention
+    and its gradient; the same images without masks train as before; folder data is refused."""
+    args = replace(TINY, grounding_loss=0.5)
+    source = train_mod.make_source(args)
+    model = train_mod.build_model(args, source, np.random.default_rng(0))
+    images, captions, masks = source.batch(np.random.default_rng(3), 8, masks=True)
+    again, _ = source.batch(np.random.default_rng(3), 8)
+    assert np.array_equal(images, again) and masks.shape == (8, 2, 16, 16)
+    captions[0] = "a red circle on the left and a blue square on the right"
+    schedule = model.config.schedule()
+    stats = {}
+    grounded, g1 = train_mod.train_step(model, args, schedule, images, captions, np.random.default_rng(7),
+                                        masks, stats)
+    plain, g0 = train_mod.train_step(model, args, schedule, images, captions, np.random.default_rng(7))
+    assert stats["grounding"] > 0 and grounded == pytest.approx(plain + 0.5 * stats["grounding"], rel=1e-9)
+    assert not np.allclose(g0["unet.down.1.xattn.0.q.weight"], g1["unet.down.1.xattn.0.q.weight"])
+    assert np.array_equal(g0["unet.conv_out.weight"], g1["unet.conv_out.weight"])   # downstream of no attention weight
+    with pytest.raises(TrainingError, match="only --data shapes draws"):
+        train_mod.make_source(replace(args, data="some/folder"))
+
+
 def test_multiscale_snr_reaches_the_training_step():
     """The same batch, timesteps and noise: multiscale weighting only adds weight to coarse bands."""
     source = train_mod.make_source(TINY)
@@ -161,6 +183,8 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     (["train", "--text-embed-std", "inf"], "--text-embed-std inf must be a positive number"),
     (["train", "--text-rel-pos", "-1"], "--text-rel-pos -1 must be 0 (off) or a positive offset"),
     (["train", "--phrase-tokens", "-1"], "--phrase-tokens -1 must be 0 (off) or a number of phrases"),
+    (["train", "--grounding-loss", "-1"], "--grounding-loss -1 must be a number >= 0"),
+    (["train", "--grounding-loss", "0.1", "--data", "."], "only --data shapes draws"),
     (["train", "--text-rel-slope", "nan"], "--text-rel-slope nan must be a number >= 0"),
     (["train", "--learning-rate", "nan"], "--learning-rate nan must be positive"),
     (["train", "--lr-warmup-steps", "-5"], "must not be negative"),

@@ -237,3 +237,35 @@ def test_inference_mode_same_output_and_no_backward(backend):
             unet_backward(p, TINY, np.ones_like(out_i), cache)
     finally:
         kernels.set_backend(previous)
+
+
+def test_attention_weight_gradients_reach_every_parameter_and_the_context():
+    """unet_backward's dprobs: the gradient of sum(out * R) + sum over cross-attention layers of
+    sum(weights * G), as a loss on where attention goes (the grounding loss) needs."""
+    from npdiff.nn.unet import cross_attention_maps
+    config = UNetConfig(in_channels=1, base_channels=4, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(0, 1), num_heads=2, context_dim=3, num_groups=2, query_coords=True)
+    rng = np.random.default_rng(4)
+    p = perturbed_params(config, rng)
+    x, t, ctx, mask, pooled = inputs(config, rng, H=4, W=4)
+    out, cache = unet_forward(p, config, x, t, ctx, mask, pooled)
+    maps = cross_attention_maps(cache)
+    assert sorted(maps) == ["down.0.xattn.0", "down.1.xattn.0", "mid.xattn", "up.0.xattn.0", "up.0.xattn.1",
+                            "up.1.xattn.0", "up.1.xattn.1"]
+    assert maps["down.0.xattn.0"][1] == (4, 4) and maps["mid.xattn"][0].shape == (2, 2, 4, 3)
+    np.testing.assert_allclose(maps["up.0.xattn.1"][0].sum(axis=-1), 1.0, rtol=1e-12)
+    R = rng.standard_normal(out.shape)
+    G = {name: rng.standard_normal(P.shape) for name, (P, _) in maps.items()}
+    grads, dctx, _ = unet_backward(p, config, R, cache, G)
+
+    def loss():
+        o, c = unet_forward(p, config, x, t, ctx, mask, pooled)
+        return float(np.sum(o * R) + sum(np.sum(P * G[k]) for k, (P, _) in cross_attention_maps(c).items()))
+
+    names = sorted(p)
+    for along_gradient in (False, True):
+        err = directional_check(loss, [p[k] for k in names] + [ctx], [grads[k] for k in names] + [dctx], rng,
+                                along_gradient=along_gradient)
+        assert err <= 1e-6, (along_gradient, err)
+    plain, _, _ = unet_backward(p, config, R, cache)
+    assert not np.allclose(plain["up.1.xattn.1.q.weight"], grads["up.1.xattn.1.q.weight"])

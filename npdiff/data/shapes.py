@@ -279,6 +279,25 @@ def sample_scenes(rng: np.random.Generator, n: int, allow_held_out: bool = False
     return scenes, captions
 
 
+_CAPTION_BACKGROUND_RE = re.compile(r" on an? [a-z]+ background$")
+
+
+def phrase_spans(caption: str) -> list[tuple[int, int] | None]:
+    """Where a caption of the grammar names each thing it shows -> [first object, second object,
+    background], each a (start, end) character span of the caption, or None when not named:
+    "a red circle and a blue square on a black background" -> [(0, 12), (17, 30), (30, 52)].
+    The " and " between objects belongs to neither. The empty caption names nothing."""
+    m = _CAPTION_BACKGROUND_RE.search(caption)
+    end = m.start() if m else len(caption)
+    spans: list[tuple[int, int] | None] = []
+    start = 0
+    for part in caption[:end].split(" and ") if end else []:
+        spans.append((start, start + len(part)))
+        start += len(part) + len(" and ")
+    spans = (spans + [None, None])[:2]
+    return spans + [(m.start(), m.end()) if m else None]
+
+
 def caption_corpus(n: int = 20000, seed: int = 0) -> list[str]:
     """A fixed sample of training captions (for training the tokenizer)."""
     return sample_scenes(np.random.default_rng(seed), n)[1]
@@ -395,13 +414,19 @@ def coverage(shape: str, px: np.ndarray, py: np.ndarray, s: np.ndarray) -> np.nd
     return np.clip(0.5 - d, 0.0, 1.0)   # (M, H, W)
 
 
-def render(scenes: list[Scene], rng: np.random.Generator, resolution: int = BASE_RESOLUTION) -> np.ndarray:
-    """Draw complete scenes -> uint8 (N, H, W, C), H = W = resolution. Layout jitter comes from rng."""
+def render(scenes: list[Scene], rng: np.random.Generator, resolution: int = BASE_RESOLUTION,
+           return_masks: bool = False):
+    """Draw complete scenes -> uint8 (N, H, W, C), H = W = resolution. Layout jitter comes from rng.
+
+    With return_masks, also each object's coverage, float32 (N, 2, H, W) in [0, 1]: channel k is
+    scene.objects[k] (zero for a scene's missing second object). The masks use no randomness of
+    their own, so the images are the same with and without them."""
     R = int(resolution)
     if R < 16:
         raise ValueError(f"resolution {R} is too small for the shapes dataset; use 16 or more (32 is native)")
     N = len(scenes)
     canvas = np.empty((N, R, R, 3), dtype=np.float32)  # (N, H, W, C)
+    masks = np.zeros((N, 2, R, R), dtype=np.float32) if return_masks else None
     rows = []                                          # (image, slot, shape, xc, yc, s, color)
     for n, scene in enumerate(scenes):
         if not scene.is_complete():
@@ -427,17 +452,24 @@ def render(scenes: list[Scene], rng: np.random.Generator, resolution: int = BASE
                 idx = img[m]
                 a = alpha[m][..., None]                                          # (m, H, W, 1)
                 canvas[idx] += a * (color[m][:, None, None, :] - canvas[idx])
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+                if masks is not None:
+                    masks[idx, k] = alpha[m]
+    images = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return (images, masks) if return_masks else images
 
 
 def sample_batch(rng: np.random.Generator, n: int, resolution: int = BASE_RESOLUTION,
-                 allow_held_out: bool = False) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n random captioned images -> (uint8 (N, H, W, C), captions, complete scenes drawn).
+                 allow_held_out: bool = False, return_masks: bool = False):
+    """n random captioned images -> (uint8 (N, H, W, C), captions, complete scenes drawn), and with
+    return_masks the objects' coverage (N, 2, H, W) last (see render).
 
     Deterministic given the state of rng. Held-out color-shape pairs are never drawn
     unless allow_held_out.
     """
     scenes, captions = sample_scenes(rng, n, allow_held_out)
+    if return_masks:
+        images, masks = render(scenes, rng, resolution, return_masks=True)
+        return images, captions, scenes, masks
     return render(scenes, rng, resolution), captions, scenes
 
 

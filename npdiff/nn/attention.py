@@ -65,14 +65,25 @@ def attention_heads_forward(q, k, v, num_heads, key_mask=None):
     return _merge_heads(oh), (qh, kh, vh, probs, scale)
 
 
-def attention_heads_backward(do, cache):
-    """-> (dq, dk, dv), each (N, L|M, D)."""
+def attention_probs(cache):
+    """The attention weights a forward kept, (N, E, L, M): row l of head e sums to 1 over the keys."""
+    return cache[3]
+
+
+def attention_heads_backward(do, cache, dprobs=None):
+    """-> (dq, dk, dv), each (N, L|M, D). dprobs (N, E, L, M), when given, is a further gradient on
+    the attention weights themselves (a loss on where attention goes, as train.py's grounding loss):
+    through the softmax it becomes dS = P * (dP - sum_m P dP) on the scores S = scale Q K^T."""
     qh, kh, vh, probs, scale = cache
     if probs is None:
         raise RuntimeError("attention backward: this forward ran inside npdiff.nn.mode.inference(), "
                            "which keeps no attention probabilities; run it outside to train")
     E = qh.shape[1]
     dqh, dkh, dvh = get_backend().attention_backward(_split_heads(do, E), qh, kh, vh, probs, scale)
+    if dprobs is not None:
+        ds = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale  # (N, E, L, M)
+        dqh = dqh + ds @ kh
+        dkh = dkh + ds.transpose(0, 1, 3, 2) @ qh
     return _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
 
 
@@ -172,11 +183,12 @@ def cross_attention_forward(x, context, q_weight, k_weight, v_weight, proj_weigh
     return y, (c_q, c_k, c_v, c_att, c_proj)
 
 
-def cross_attention_backward(dy, cache):
-    """-> (dx, dcontext, dq_weight, dk_weight, dv_weight, dproj_weight, dproj_bias)."""
+def cross_attention_backward(dy, cache, dprobs=None):
+    """-> (dx, dcontext, dq_weight, dk_weight, dv_weight, dproj_weight, dproj_bias). dprobs: a further
+    gradient on the attention weights (N, E, L, M), see attention_heads_backward."""
     c_q, c_k, c_v, c_att, c_proj = cache
     do, dproj_w, dproj_b = linear_backward(dy, c_proj)
-    dq, dk, dv = attention_heads_backward(do, c_att)
+    dq, dk, dv = attention_heads_backward(do, c_att, dprobs)
     dx, dq_w, _ = linear_backward(dq, c_q)
     dctx_k, dk_w, _ = linear_backward(dk, c_k)
     dctx_v, dv_w, _ = linear_backward(dv, c_v)

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from npdiff.nn import layers as F
-from npdiff.nn.attention import (check_key_mask, cross_attention_backward, cross_attention_forward,
-                                 self_attention_backward, self_attention_forward)
+from npdiff.nn.attention import (attention_probs, check_key_mask, cross_attention_backward,
+                                 cross_attention_forward, self_attention_backward, self_attention_forward)
 
 
 @dataclass
@@ -306,13 +306,13 @@ def spatial_cross_attention_forward(p, name, x, context, context_mask, config):
     a, c_a = cross_attention_forward(h, context, p[f"{name}.q.weight"], p[f"{name}.k.weight"],
                                      p[f"{name}.v.weight"], p[f"{name}.proj.weight"],
                                      p[f"{name}.proj.bias"], config.num_heads, context_mask)
-    return x + _from_tokens(a, x.shape), (name, c_n, c_a, feats)
+    return x + _from_tokens(a, x.shape), (name, c_n, c_a, feats, x.shape[2:])
 
 
-def spatial_cross_attention_backward(dy, cache, grads):
-    """-> (dx, dcontext)."""
-    name, c_n, c_a, feats = cache
-    dh, dctx, dq, dk, dv, dproj_w, dproj_b = cross_attention_backward(_to_tokens(dy), c_a)
+def spatial_cross_attention_backward(dy, cache, grads, dprobs=None):
+    """-> (dx, dcontext). dprobs: a further gradient on this layer's attention weights (N, E, H*W, L)."""
+    name, c_n, c_a, feats, _ = cache
+    dh, dctx, dq, dk, dv, dproj_w, dproj_b = cross_attention_backward(_to_tokens(dy), c_a, dprobs)
     for part, g in (("q", dq), ("k", dk), ("v", dv)):
         _put(grads, f"{name}.{part}", g)
     if feats is not None:
@@ -334,12 +334,12 @@ def _stage_forward(p, spec, h, emb_act, context, context_mask, config, rng):
     return h, (c_r, c_s, c_x)
 
 
-def _stage_backward(dh, cache, grads):
-    """-> (dh, demb_act, dcontext or None)."""
+def _stage_backward(dh, cache, grads, dprobs):
+    """-> (dh, demb_act, dcontext or None). dprobs: {cross-attention name: gradient on its weights}."""
     c_r, c_s, c_x = cache
     dctx = None
     if c_x is not None:
-        dh, dctx = spatial_cross_attention_backward(dh, c_x, grads)
+        dh, dctx = spatial_cross_attention_backward(dh, c_x, grads, dprobs.get(c_x[0]))
         dh = spatial_self_attention_backward(dh, c_s, grads)
     dh, demb = resblock_backward(dh, c_r, grads)
     return dh, demb, dctx
@@ -461,17 +461,34 @@ def unet_forward(params, config, x, t, context, context_mask, pooled, *, rng=Non
     return out, cache
 
 
-def unet_backward(params, config, dout, cache):
-    """Gradients of sum(out * dout). Returns (grads: one array per parameter name, dcontext
-    (N, L, D), dpooled (N, D))."""
+def cross_attention_maps(cache) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Where every cross-attention of a training forward looked: {layer name ("down.1.xattn.0", ...):
+    (weights (N, E, H*W, L), (H, W))}, the queries in row-major pixel order. A loss on these weights
+    goes back through unet_backward's dprobs."""
+    _, _, _, _, _, _, _, down, c_m0, c_m1, up, _, _ = cache
+    stages = [c for kind, c in down if kind == "stage"] + [c_m0, c_m1]
+    stages += [c[1] for kind, c in up if kind == "stage"]     # an up stage is (concat cache, stage cache)
+    out = {}
+    for _, _, c_x in stages:
+        if c_x is not None:
+            name, _, c_a, _, hw = c_x
+            out[name] = (attention_probs(c_a[3]), tuple(hw))
+    return out
+
+
+def unet_backward(params, config, dout, cache, dprobs=None):
+    """Gradients of sum(out * dout) [+ sum over layers of sum(weights * dprobs[layer])].
+    Returns (grads: one array per parameter name, dcontext (N, L, D), dpooled (N, D)).
+    dprobs: {cross-attention name: (N, E, H*W, L)} gradients on attention weights (cross_attention_maps)."""
     c_t, c_e0, c_e1, c_e2, c_p, c_ea, c_in, down, c_m0, c_m1, up, c_no, c_out = cache
+    dprobs = dprobs or {}
     grads = {}
     demb = 0.0  # accumulates d loss / d emb_act over all residual blocks
     dctx = 0.0  # accumulates d loss / d context over all cross-attentions
 
     def stage(dh, c):
         nonlocal demb, dctx
-        dh, de, dc = _stage_backward(dh, c, grads)
+        dh, de, dc = _stage_backward(dh, c, grads, dprobs)
         demb = demb + de
         if dc is not None:
             dctx = dctx + dc

@@ -146,6 +146,19 @@ class Tokenizer:
             mask[i, :len(row)] = True
         return ids, mask
 
+    def char_spans(self, texts: list[str], max_length: int) -> np.ndarray:
+        """Where each piece of encode_batch(texts, max_length) comes from -> int64 (N, L, 2): row i,
+        position j holds the (start, end) characters of texts[i] that piece spells, and (-1, -1)
+        for [BOS], [EOS] and padding. Truncated as encode_batch truncates."""
+        ids, _ = self.encode_batch(texts, max_length)
+        spans = np.full(ids.shape + (2,), -1, dtype=np.int64)               # (N, L, 2)
+        specials = (self.bos_id, self.eos_id, self.pad_id)
+        for i, enc in enumerate(self._hf.encode_batch(list(texts))):
+            for j, (piece, offset) in enumerate(zip(ids[i], enc.offsets[:max_length])):
+                if piece not in specials:
+                    spans[i, j] = offset
+        return spans
+
     def decode(self, ids: Iterable[int]) -> str:
         """ids -> text, special tokens and padding dropped, pieces ("circle", "##s") joined."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
