@@ -51,6 +51,15 @@ def prompt_sets() -> dict[str, list[str]]:
     return {"single": single, "two": two, "held_out": held_out}
 
 
+def read_back(image) -> Scene:
+    """The judge's reading of a sample; an image the judge cannot read as a shapes scene at all (no
+    background color at its border) shows nothing, so every attribute a prompt names counts as wrong."""
+    try:
+        return judge.judge_image(image)
+    except ValueError:
+        return Scene((), None)
+
+
 def evaluate(pipe: Pipeline, n_per_prompt: int = 8, guidance_scales=(1.0, DEFAULT_CFG), steps: int = 25,
              seed: int = 0, progress: bool = True) -> dict:
     """-> {scale: {group: {attribute: accuracy, "all": fraction entirely right, "n": images}}}."""
@@ -64,7 +73,7 @@ def evaluate(pipe: Pipeline, n_per_prompt: int = 8, guidance_scales=(1.0, DEFAUL
                 images = pipe.generate([prompt] * n_per_prompt, seed=seed + 1000 * k, steps=steps,
                                        guidance_scale=scale, progress=False)
                 for img in images:
-                    scores = judge.score(judge.judge_image(img), prompt)
+                    scores = judge.score(read_back(img), prompt)
                     for key, ok in scores.items():
                         attr = key.partition(".")[0]          # "color.0", "color.1" -> "color"
                         hits[attr] += bool(ok)

@@ -9,6 +9,7 @@ One step (Ho et al. 2020, Algorithm 1, with text conditioning):
     t ~ U{0..T-1}, noise ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise
     out               <- U-Net(x_t, t, context, pooled)
     loss, dout        <- objective(out, x0, noise, t)        (eps, x0 or v; min-SNR weights)
+                         [+ W grounding loss on the cross-attention weights, grounding.py]
     grads             <- U-Net backward, then text-encoder backward
     clip by global norm, AdamW with warmup + cosine learning rate, EMA of the weights
     (decay min(ema_decay, (1 + step) / (10 + step)), so early averages forget the random init)

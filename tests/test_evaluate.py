@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import npdiff
 from npdiff.cli import main
@@ -102,3 +103,13 @@ def test_eval_place_probe_command_writes_json(capsys, tmp_path):
     record = json.loads(out.read_text())
     assert set(record["place_probe"]["two"]) == {"500", "700", "800", "900", "950", "990"}
     assert "swapped / prompt" in capsys.readouterr().out
+
+
+def test_an_unreadable_sample_counts_as_wrong_not_as_an_error():
+    from npdiff.data import judge
+    from npdiff.evaluate import read_back
+    grey = np.full((32, 32, 3), 128, dtype=np.uint8)     # no palette color anywhere
+    with pytest.raises(ValueError, match="not a shapes image"):
+        judge.judge_image(grey)
+    scores = judge.score(read_back(grey), "a red circle on the left and a blue square on a white background")
+    assert scores and not any(scores.values())
