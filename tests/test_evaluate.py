@@ -105,11 +105,14 @@ def test_eval_place_probe_command_writes_json(capsys, tmp_path):
     assert "swapped / prompt" in capsys.readouterr().out
 
 
-def test_an_unreadable_sample_counts_as_wrong_not_as_an_error():
+def test_an_unreadable_sample_counts_as_wrong_not_as_an_error(monkeypatch):
+    from npdiff import evaluate as ev
     from npdiff.data import judge
-    from npdiff.evaluate import read_back
-    grey = np.full((32, 32, 3), 128, dtype=np.uint8)     # no palette color anywhere
-    with pytest.raises(ValueError, match="not a shapes image"):
-        judge.judge_image(grey)
-    scores = judge.score(read_back(grey), "a red circle on the left and a blue square on a white background")
-    assert scores and not any(scores.values())
+
+    def unreadable(image):
+        raise ValueError("no border pixel is near any palette color; this is not a shapes image")
+
+    monkeypatch.setattr(judge, "judge_image", unreadable)
+    scores = judge.score(ev.read_back(np.zeros((32, 32, 3), np.uint8)),
+                         "a red circle on the left and a blue square on a white background")
+    assert len(scores) == 7 and not any(scores.values())    # count, background, 2 colors, 2 shapes, 1 place
