@@ -734,7 +734,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from npdiff.train import TrainArgs, TrainingError, train
+    from npdiff.train import GROUNDING_NEEDS_SHAPES, TrainArgs, TrainingError, train
 
     if args.resolution % 8 or not 8 <= args.resolution <= 256:
         raise UsageError(f"--resolution {args.resolution} must be a multiple of 8 between 8 and 256")
@@ -752,8 +752,7 @@ def cmd_train(args) -> int:
     if not (math.isfinite(args.grounding_loss) and args.grounding_loss >= 0):
         raise UsageError(f"--grounding-loss {args.grounding_loss:g} must be a number >= 0, e.g. 0.01 (0 is off)")
     if args.grounding_loss and args.data != "shapes":
-        raise UsageError("--grounding-loss needs the objects' masks, which only --data shapes draws; "
-                         "pass --grounding-loss 0 for a folder of images")
+        raise UsageError(GROUNDING_NEEDS_SHAPES)
     if args.lr_warmup_steps < 0 or args.text_layers < 0:
         raise UsageError("--lr-warmup-steps and --text-layers must not be negative")
     if not args.max_grad_norm >= 0:

@@ -131,12 +131,15 @@ class FolderSource:
         return self.images[idx], [self.captions[i] for i in idx]
 
 
+GROUNDING_NEEDS_SHAPES = ("--grounding-loss needs the objects' masks, which only --data shapes draws; "
+                          "pass --grounding-loss 0 for a folder of images")
+
+
 def make_source(args: TrainArgs):
     if args.data == "shapes":
         return ShapesSource(args.resolution)
     if args.grounding_loss:
-        raise TrainingError("--grounding-loss needs the objects' masks, which only --data shapes draws; "
-                            "pass --grounding-loss 0 for a folder of images")
+        raise TrainingError(GROUNDING_NEEDS_SHAPES)
     return FolderSource(args.data, args.resolution)
 
 
